@@ -1,0 +1,295 @@
+"""NSAM memory levels: specs, states, and the hooks that put them into the backbone.
+
+A level is a `LevelSpec` (name, update period, rule, layers, shape, rates); adding a level is
+adding a spec to `LevelsConfig`. Two update rules exist:
+
+- "associative" (the fast level): per selected layer a linear associative memory M (R, R),
+  written every `period_tokens` tokens by gradient descent on ‖M k − v‖² (delta rule) with
+  momentum (surprise) and decay (forgetting). Keys, values, queries and the rates η_t, α_t come
+  from learned projections of the hidden state (`FastMemory`). Its read enters the residual
+  stream through a gate that starts closed.
+- "lora" (medium and user levels): low-rank deltas on the MLP down-projections of selected
+  layers, B zero-initialised; updated by the next-token loss through an Adam whose moments
+  live in the state.
+
+States are frozen dataclasses of tensors; an update returns a new state, nothing is mutated.
+Axis letters: L selected layers, R memory/adapter rank, F MLP width, D model width, C chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import PackedLayout
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    name: str
+    rule: str  # "associative" | "lora"
+    period_tokens: int  # update every this many tokens (0: only at explicit calls, e.g. end of turn)
+    layers: tuple[int, ...]
+    rank: int
+    lr: float = 1e-3
+    steps: int = 1  # optimizer steps per update ("lora")
+    max_update_norm: float = 10.0  # guard: larger updates are rejected
+    scale: float = 1.0  # "lora": output scale of the delta
+
+
+@dataclass(frozen=True)
+class LevelsConfig:
+    levels: tuple[LevelSpec, ...]
+
+    def get(self, name: str) -> LevelSpec:
+        for spec in self.levels:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no level named {name!r}")
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.levels)
+
+
+def default_levels(n_layers: int) -> LevelsConfig:
+    """fast: associative memory in a third of the layers, every 32 tokens; medium and user:
+    rank-16 LoRA on every layer's MLP down-projection (medium at the end of each turn)."""
+    every_third = tuple(range(1, n_layers, 3))
+    all_layers = tuple(range(n_layers))
+    return LevelsConfig((
+        LevelSpec("fast", "associative", 32, every_third, rank=32, lr=1.0, max_update_norm=50.0),
+        LevelSpec("medium", "lora", 0, all_layers, rank=16, lr=3e-3, steps=3, max_update_norm=5.0),
+        LevelSpec("user", "lora", 0, all_layers, rank=16, lr=3e-3, steps=30, max_update_norm=20.0),
+    ))
+
+
+# -- states -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraState:
+    """Low-rank MLP deltas plus their Adam moments (the optimizer is a memory too)."""
+
+    a: Tensor  # (L, R, F)
+    b: Tensor  # (L, D, R), zero at init
+    m_a: Tensor
+    v_a: Tensor
+    m_b: Tensor
+    v_b: Tensor
+    step: Tensor  # () int64
+
+    @classmethod
+    def zeros(cls, spec: LevelSpec, hidden_dim: int, dim: int, seed: int) -> "LoraState":
+        g = torch.Generator().manual_seed(seed)
+        n = len(spec.layers)
+        a = torch.randn(n, spec.rank, hidden_dim, generator=g) / hidden_dim**0.5
+        b = torch.zeros(n, dim, spec.rank)
+        return cls(a, b, torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(b),
+                   torch.zeros_like(b), torch.zeros((), dtype=torch.int64))
+
+    def weight_norm(self) -> float:
+        # The delta is B @ A; its Frobenius norm summed over layers is what changes the model.
+        return float(torch.linalg.matrix_norm(self.b @ self.a).norm())
+
+
+@dataclass(frozen=True)
+class AssociativeState:
+    """Fast-level memory per selected layer, plus the tokens of the chunk not yet written."""
+
+    memory: Tensor  # (L, R, R)
+    momentum: Tensor  # (L, R, R)
+    pending_k: Tensor  # (L, C, R)
+    pending_v: Tensor  # (L, C, R)
+    pending_eta: Tensor  # (L, C)
+    pending_alpha: Tensor  # (L, C)
+    pending: Tensor  # () int64: tokens of the current chunk already seen
+
+    @classmethod
+    def zeros(cls, spec: LevelSpec) -> "AssociativeState":
+        n, r, c = len(spec.layers), spec.rank, spec.period_tokens
+        return cls(torch.zeros(n, r, r), torch.zeros(n, r, r), torch.zeros(n, c, r), torch.zeros(n, c, r),
+                   torch.zeros(n, c), torch.zeros(n, c), torch.zeros((), dtype=torch.int64))
+
+    def weight_norm(self) -> float:
+        return float(self.memory.norm())
+
+
+LevelState = LoraState | AssociativeState
+
+
+def state_tensors(state: LevelState) -> dict[str, Tensor]:
+    return {f.name: getattr(state, f.name) for f in fields(state)}
+
+
+def state_from_tensors(rule: str, tensors: dict[str, Tensor]) -> LevelState:
+    cls = LoraState if rule == "lora" else AssociativeState
+    return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+
+
+def new_state(spec: LevelSpec, hidden_dim: int, dim: int, seed: int = 0) -> LevelState:
+    if spec.rule == "lora":
+        return LoraState.zeros(spec, hidden_dim, dim, seed)
+    if spec.rule == "associative":
+        return AssociativeState.zeros(spec)
+    raise ValueError(f"unknown update rule {spec.rule!r}")
+
+
+# -- learned parts of the fast level (meta-trained in the outer loop) -------------------------
+class FastMemory(nn.Module):
+    """Projections that make the fast level self-referential: keys, values, queries and the
+    rates (η_t learning rate, α_t decay) are functions of the hidden state."""
+
+    def __init__(self, spec: LevelSpec, dim: int):
+        super().__init__()
+        n, r = len(spec.layers), spec.rank
+        self.spec = spec
+        self.w_k = nn.Parameter(torch.randn(n, dim, r) / dim**0.5)
+        self.w_v = nn.Parameter(torch.randn(n, dim, r) / dim**0.5)
+        self.w_q = nn.Parameter(torch.randn(n, dim, r) / dim**0.5)
+        self.w_o = nn.Parameter(torch.randn(n, r, dim) / r**0.5)
+        self.w_eta = nn.Parameter(torch.zeros(n, dim))
+        self.b_eta = nn.Parameter(torch.full((n,), -2.0))
+        self.w_alpha = nn.Parameter(torch.zeros(n, dim))
+        self.b_alpha = nn.Parameter(torch.full((n,), -5.0))
+        self.momentum = nn.Parameter(torch.full((n,), 0.5))  # β, squashed by sigmoid at use
+        self.gate = nn.Parameter(torch.zeros(n))  # tanh(0) = 0: the read starts closed
+        self.lr_scale = 1.0  # 0 freezes the level: recovers the backbone exactly
+
+    def project(self, i: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x (T, D) -> q, k, v (T, R), eta, alpha (T,)."""
+        xf = x.float()
+        q = F.normalize(xf @ self.w_q[i], dim=-1)
+        k = F.normalize(xf @ self.w_k[i], dim=-1)
+        v = xf @ self.w_v[i]
+        eta = torch.sigmoid(xf @ self.w_eta[i] + self.b_eta[i]) * self.spec.lr * self.lr_scale
+        alpha = torch.sigmoid(xf @ self.w_alpha[i] + self.b_alpha[i]) * float(self.lr_scale > 0)
+        return q, k, v, eta, alpha
+
+
+def _write_chunk(memory: Tensor, momentum: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor,
+                 beta: Tensor) -> tuple[Tensor, Tensor]:
+    """One delta-rule step over a full chunk, all tokens at once. k, v (C, R), eta, alpha (C,)."""
+    error = k @ memory.T - v  # (C, R): M k_t − v_t
+    grad = (eta[:, None] * error).T @ k / k.shape[0]  # ∇ of Σ η_t ‖M k_t − v_t‖² / 2C
+    momentum = beta * momentum - grad
+    memory = (1 - alpha.mean()) * memory + momentum
+    return memory, momentum
+
+
+class FastLevelRunner:
+    """Reads and writes the fast level of one sequence inside a forward pass.
+
+    The chunk grid is absolute (positions 0, C, 2C, …), so a sequence processed in pieces
+    writes exactly as one long pass does; tokens read the memory as of their chunk's start.
+    """
+
+    def __init__(self, params: FastMemory, state: AssociativeState):
+        self.params = params
+        self.c = params.spec.period_tokens
+        self.memory = list(state.memory.unbind(0))
+        self.momentum = list(state.momentum.unbind(0))
+        self.pk = list(state.pending_k.unbind(0))
+        self.pv = list(state.pending_v.unbind(0))
+        self.peta = list(state.pending_eta.unbind(0))
+        self.palpha = list(state.pending_alpha.unbind(0))
+        self.pending = [int(state.pending)] * len(self.memory)
+        self.surprise: list[float] = []
+
+    def step(self, i: int, x: Tensor) -> Tensor:
+        """x (T, D) consecutive tokens of this sequence at layer slot i -> read (T, D)."""
+        p = self.params
+        q, k, v, eta, alpha = p.project(i, x)
+        beta = torch.sigmoid(p.momentum[i])
+        reads, t0 = [], 0
+        while t0 < x.shape[0]:
+            n = min(self.c - self.pending[i], x.shape[0] - t0)
+            sl = slice(t0, t0 + n)
+            reads.append(q[sl] @ self.memory[i].T)
+            at = self.pending[i]
+            self.pk[i] = _set_rows(self.pk[i], at, k[sl])
+            self.pv[i] = _set_rows(self.pv[i], at, v[sl])
+            self.peta[i] = _set_rows(self.peta[i], at, eta[sl])
+            self.palpha[i] = _set_rows(self.palpha[i], at, alpha[sl])
+            self.pending[i] += n
+            t0 += n
+            if self.pending[i] == self.c:
+                err = (self.pk[i] @ self.memory[i].T - self.pv[i]).pow(2).sum(-1).mean()
+                self.surprise.append(float(err))
+                self.memory[i], self.momentum[i] = _write_chunk(
+                    self.memory[i], self.momentum[i], self.pk[i], self.pv[i], self.peta[i],
+                    self.palpha[i], beta)
+                self.pending[i] = 0
+        read = torch.cat(reads) @ p.w_o[i]
+        return (torch.tanh(p.gate[i]) * read).to(x.dtype)
+
+    def state(self) -> AssociativeState:
+        return AssociativeState(torch.stack(self.memory), torch.stack(self.momentum), torch.stack(self.pk),
+                                torch.stack(self.pv), torch.stack(self.peta), torch.stack(self.palpha),
+                                torch.tensor(self.pending[0], dtype=torch.int64))
+
+
+def _set_rows(buf: Tensor, at: int, rows: Tensor) -> Tensor:
+    out = buf.clone()
+    out[at:at + rows.shape[0]] = rows.to(buf.dtype)
+    return out
+
+
+# -- hooks: the levels of several sequences inside one forward pass ---------------------------
+@dataclass
+class BatchLevels:
+    """`LevelHooks` for a batch: per sequence, summed LoRA deltas and a fast-level runner.
+
+    `lora` holds, per sequence, the (A, B) stacks of every active LoRA level concatenated on
+    the rank axis (user ⊕ medium), so one batched matmul applies all of them.
+    Rows are sequences in decode; in a packed prefill `layout` says where each one sits.
+    """
+
+    lora_layers: dict[int, int]  # backbone layer -> row in the stacked A/B
+    lora_a: Tensor | None  # (N, L, R', F)
+    lora_b: Tensor | None  # (N, L, D, R')
+    fast_layers: dict[int, int]
+    fast: list[FastLevelRunner] | None
+    layout: PackedLayout | None = None
+    scale: float = 1.0
+    _slices: list[slice] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.layout is not None:
+            ends = torch.tensor(self.layout.lengths).cumsum(0).tolist()
+            self._slices = [slice(e - n, e) for e, n in zip(ends, self.layout.lengths)]
+
+    def mlp_delta(self, layer: int, h: Tensor) -> Tensor | None:
+        row = self.lora_layers.get(layer)
+        if row is None or self.lora_a is None:
+            return None
+        a = self.lora_a[:, row].to(h.dtype)  # (N, R', F)
+        b = self.lora_b[:, row].to(h.dtype)  # (N, D, R')
+        if self.layout is None:  # decode: h (N, 1, F)
+            return torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2)) * self.scale
+        parts = [(h[0, s] @ a[i].T) @ b[i].T for i, s in enumerate(self._slices)]
+        return torch.cat(parts)[None] * self.scale
+
+    def after_attention(self, layer: int, x: Tensor) -> Tensor:
+        slot = self.fast_layers.get(layer)
+        if slot is None or self.fast is None:
+            return x
+        if self.layout is None:  # decode: one token per row
+            reads = [runner.step(slot, x[i]) for i, runner in enumerate(self.fast)]
+            return x + torch.stack(reads)
+        reads = [runner.step(slot, x[0, s]) for runner, s in zip(self.fast, self._slices)]
+        return x + torch.cat(reads)[None]
+
+
+def stack_lora(states: list[list[LoraState]], specs: list[LevelSpec], n_layers: int
+               ) -> tuple[dict[int, int], Tensor | None, Tensor | None, float]:
+    """Per sequence, concatenate the LoRA levels (same layers and scale required) on the rank
+    axis; then stack sequences. Returns (layer->row, A (N, L, R', F), B (N, L, D, R'), scale)."""
+    if not specs:
+        return {}, None, None, 1.0
+    layers = specs[0].layers
+    if any(s.layers != layers or s.scale != specs[0].scale for s in specs):
+        raise ValueError("LoRA levels applied together must share layers and scale")
+    a = torch.stack([torch.cat([st.a for st in seq], dim=1) for seq in states])
+    b = torch.stack([torch.cat([st.b for st in seq], dim=2) for seq in states])
+    return {layer: i for i, layer in enumerate(layers)}, a, b, specs[0].scale

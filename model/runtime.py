@@ -1,0 +1,189 @@
+"""The model as the service sees it: `NsamModel` owns weights, tokenizer and level config, and
+speaks in token ids, plain dataclasses and state *bytes* — never tensors at its boundary.
+
+Contract: states go in and new states come out (`update_medium`, `consolidate` are pure with
+respect to their inputs). Not thread-safe: one owner thread at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import config as configs
+from .backbone import Transformer
+from .consolidation import ConsolidationConfig, ConsolidationReport, chat_example, consolidate
+from .generation import Generator as _Generator
+from .generation import TokenEvent
+from .levels import FastMemory, LevelsConfig, LoraState, default_levels, new_state
+from .loading import load
+from .sampling import SamplingParams
+from .state import MemoryState, StateError, user_snapshot
+from .tokenizer import ByteTokenizer
+from .updates import LevelReport, update_on_examples
+
+__all__ = ["NsamModel", "Generator", "SamplingParams", "TokenEvent", "LevelReport",
+           "ConsolidationReport", "StateError"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _preset_text(name: str) -> str:
+    return (Path(__file__).parent / "presets" / name).read_text()
+
+
+class NsamModel:
+    def __init__(self, model: Transformer, tokenizer, levels: LevelsConfig, source: str,
+                 context_window: int = 2048, consolidation: ConsolidationConfig = ConsolidationConfig()):
+        self.model, self.tokenizer, self.levels, self.source = model, tokenizer, levels, source
+        self.context_window = min(context_window, model.config.max_seq_len)
+        self.consolidation = consolidation
+        fast_spec = next((s for s in levels.levels if s.rule == "associative"), None)
+        self.fast_params = None
+        if fast_spec is not None:
+            torch.manual_seed(0)  # same initial projections in every process
+            self.fast_params = FastMemory(fast_spec, model.config.dim).requires_grad_(False)
+        digest = hashlib.sha256(f"{model.config.fingerprint()}|{levels!r}|{source}".encode())
+        self.fingerprint = digest.hexdigest()[:16]
+        self.anchor_ids = tokenizer.encode(_preset_text("anchor.txt"))
+        self.probe_ids = tokenizer.encode(_preset_text("probe.txt"))
+
+    @classmethod
+    def load(cls, name: str = "default", dtype: str = "float32") -> "NsamModel":
+        """"default" (embedded SmolLM2-135M-Instruct), "tiny" (random, byte tokenizer), or a path."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if name == "tiny":
+            torch.manual_seed(0)  # the tiny model is the same in every process
+            cfg = configs.tiny()
+            model = Transformer(cfg)
+            for p in model.parameters():
+                if p.dim() > 1:
+                    torch.nn.init.normal_(p, std=0.02)  # small logits, as trained models have
+            model = model.to(_DTYPES[dtype]).requires_grad_(False).eval()
+            model.inv_freq = model.inv_freq.float()
+            return cls(model, ByteTokenizer(), default_levels(cfg.n_layers), "tiny", cfg.max_seq_len,
+                       ConsolidationConfig(steps=4))
+        loaded = load(name, _DTYPES[dtype])
+        return cls(loaded.model, loaded.tokenizer, default_levels(loaded.model.config.n_layers), loaded.source)
+
+    # -- text ----------------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def encode_chat(self, messages: list[dict[str, str]], max_prompt_tokens: int) -> list[int]:
+        """Prompt ids with the generation prompt; drops the oldest turns (keeps a leading system
+        message) until it fits."""
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        rest = messages[len(system):]
+        while rest:
+            ids = self.tokenizer.encode_chat(system + rest)
+            if len(ids) <= max_prompt_tokens:
+                return ids
+            rest = rest[1:]
+        raise ValueError(f"the last message alone exceeds the prompt budget of {max_prompt_tokens} tokens")
+
+    # -- states --------------------------------------------------------------------------------
+    def _new_level(self, name: str):
+        spec = self.levels.get(name)
+        seed = 1 + self.levels.names().index(name)
+        return new_state(spec, self.model.config.hidden_dim, self.model.config.dim, seed)
+
+    def new_user_state(self) -> bytes:
+        return MemoryState("user", {"user": self._new_level("user")}).to_bytes(self.fingerprint, self.levels)
+
+    def new_session_state(self, user_state: bytes | None) -> bytes:
+        user = self._read(user_state, "user").levels["user"] if user_state else self._new_level("user")
+        levels = {name: self._new_level(name) for name in self.levels.names() if name != "user"}
+        levels["user"] = user_snapshot(user)
+        return MemoryState("session", levels).to_bytes(self.fingerprint, self.levels)
+
+    def check_state(self, data: bytes, kind: str) -> None:
+        self._read(data, kind)
+
+    def _read(self, data: bytes, kind: str) -> MemoryState:
+        return MemoryState.from_bytes(data, self.fingerprint, self.levels, kind)
+
+    def _write(self, state: MemoryState) -> bytes:
+        return state.to_bytes(self.fingerprint, self.levels)
+
+    # -- serving -------------------------------------------------------------------------------
+    def generator(self, max_batch: int, learning: bool = True) -> "Generator":
+        return Generator(self, max_batch, learning)
+
+    def update_medium(self, session_state: bytes, messages: list[dict[str, str]]
+                      ) -> tuple[bytes, list[LevelReport]]:
+        """After a reply: the medium level learns from the user's last message (in context)."""
+        state = self._read(session_state, "session")
+        spec = self.levels.get("medium")
+        turn = messages[-2:] if len(messages) >= 2 else messages
+        example = chat_example(self.tokenizer, turn, ("user",))
+        frozen = [state.levels["user"]] if "user" in state.levels else []
+        new, report = update_on_examples(self.model, spec, state.levels["medium"], frozen, [example])
+        if report.accepted:
+            drift = float(torch.linalg.matrix_norm(new.b @ new.a).norm())  # parent = user level (separate delta)
+            report = LevelReport(**{**report.__dict__, "drift": drift})
+        return self._write(state.with_level("medium", new)), [report]
+
+    def consolidate(self, user_state: bytes, session_state: bytes, transcript: list[dict[str, str]]
+                    ) -> tuple[bytes, ConsolidationReport]:
+        user = self._read(user_state, "user")
+        self._read(session_state, "session")  # refuse a foreign session before any work
+        new, report = consolidate(self.model, self.tokenizer, self.levels.get("user"), user.levels["user"],
+                                  transcript, self.anchor_ids, self.probe_ids, self.consolidation)
+        return self._write(user.with_level("user", new)), report
+
+
+class Generator:
+    """Continuous batching over sessions given as state bytes (see `generation.Generator`)."""
+
+    def __init__(self, owner: NsamModel, max_batch: int, learning: bool):
+        self.owner = owner
+        self.learning = learning
+        self.inner = _Generator(owner.model, owner.tokenizer, owner.levels, owner.fast_params, max_batch,
+                                owner.context_window, learning)
+        self.states: dict[str, MemoryState] = {}
+        self.started: dict[str, float] = {}
+
+    def add(self, request_id: str, prompt_ids: list[int], session_state: bytes, params: SamplingParams) -> None:
+        params.validate()
+        state = self.owner._read(session_state, "session")
+        self.inner.add(request_id, prompt_ids, state.levels, params)
+        self.states[request_id] = state
+        self.started[request_id] = time.perf_counter()
+
+    def step(self) -> list[TokenEvent]:
+        return self.inner.step()
+
+    def has_work(self) -> bool:
+        return self.inner.has_work()
+
+    def cancel(self, request_id: str) -> None:
+        self.inner.cancel(request_id)
+
+    def pop_state(self, request_id: str) -> tuple[bytes, list[LevelReport]]:
+        """After the request finished: the session state with the fast-level writes of the turn."""
+        _, runner = self.inner.pop_finished(request_id)
+        fast = runner.state() if runner is not None else None
+        state = self.states.pop(request_id)
+        started = self.started.pop(request_id)
+        reports = []
+        if fast is not None:
+            finite = all(torch.isfinite(t).all() for t in (fast.memory, fast.momentum))
+            old = state.levels["fast"]
+            update = float((fast.memory - old.memory).norm()) if finite else math.inf
+            spec = self.owner.levels.get("fast")
+            ok = finite and update <= spec.max_update_norm
+            if ok:
+                state = state.with_level("fast", fast)
+            kept = state.levels["fast"]
+            surprise = sum(runner.surprise) / len(runner.surprise) if runner.surprise else 0.0
+            reports.append(LevelReport("fast", surprise, update, kept.weight_norm(), kept.weight_norm(), ok,
+                                       "ok" if ok else ("non-finite" if not finite else "norm-bound"),
+                                       time.perf_counter() - started))
+        return self.owner._write(state), reports

@@ -1,0 +1,89 @@
+"""Level states as bytes: safetensors with a format version and a config fingerprint.
+
+A session's state holds its fast and medium levels plus a snapshot of its user's slow level
+(weights only: the slow level's optimizer moments belong to the user's own state). A state
+written by another model or level config is refused with `StateError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from .levels import LevelsConfig, LevelState, LoraState, state_from_tensors, state_tensors
+
+FORMAT = "nsam.state/1"
+
+
+class StateError(ValueError):
+    """Bytes that are corrupt, of another kind, or written for another model/level config."""
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    kind: str  # "session" | "user"
+    levels: dict[str, LevelState]
+
+    def to_bytes(self, fingerprint: str, config: LevelsConfig) -> bytes:
+        tensors = {}
+        for name, st in self.levels.items():
+            for field_name, t in state_tensors(st).items():
+                if self.kind == "session" and name == "user" and field_name not in ("a", "b"):
+                    continue  # the user level's moments stay in the user's own state
+                tensors[f"{name}/{field_name}"] = t.contiguous()
+        meta = {"format": FORMAT, "kind": self.kind, "fingerprint": fingerprint,
+                "levels": ",".join(sorted(self.levels))}
+        return save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, fingerprint: str, config: LevelsConfig, kind: str) -> "MemoryState":
+        try:
+            tensors = load(data)
+            meta = _metadata(data)
+        except (SafetensorError, ValueError, OSError) as err:
+            raise StateError(f"not a valid nsam state: {err}") from err
+        if meta.get("format") != FORMAT:
+            raise StateError(f"unsupported state format {meta.get('format')!r} (expected {FORMAT})")
+        if meta.get("kind") != kind:
+            raise StateError(f"this is a {meta.get('kind')} state, expected a {kind} state")
+        if meta.get("fingerprint") != fingerprint:
+            raise StateError("this state was written for another model or level configuration "
+                             f"(fingerprint {meta.get('fingerprint')}, this server is {fingerprint})")
+        levels = {}
+        for name in filter(None, meta.get("levels", "").split(",")):
+            spec = config.get(name)
+            fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
+            if kind == "session" and name == "user":
+                fields.update(m_a=torch.zeros_like(fields["a"]), v_a=torch.zeros_like(fields["a"]),
+                              m_b=torch.zeros_like(fields["b"]), v_b=torch.zeros_like(fields["b"]),
+                              step=torch.zeros((), dtype=torch.int64))
+            try:
+                levels[name] = state_from_tensors(spec.rule, fields)
+            except KeyError as err:
+                raise StateError(f"level {name!r} lacks tensor {err}") from err
+        return cls(kind, levels)
+
+    def with_level(self, name: str, state: LevelState) -> "MemoryState":
+        return replace(self, levels={**self.levels, name: state})
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """Read the safetensors header's metadata without touching the tensors."""
+    import json
+    import struct
+
+    if len(data) < 8:
+        raise ValueError("too short")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("header length past the end")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+def user_snapshot(user: LoraState) -> LoraState:
+    """The user level as a session carries it: weights, fresh moments."""
+    zeros_a, zeros_b = torch.zeros_like(user.a), torch.zeros_like(user.b)
+    return LoraState(user.a, user.b, zeros_a, zeros_a, zeros_b, zeros_b, torch.zeros((), dtype=torch.int64))

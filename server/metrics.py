@@ -1,0 +1,106 @@
+"""Every Prometheus metric nsam exports, declared in one place.
+
+Names carry the `nsam_` prefix and base units (seconds, bytes). Labels are bounded sets
+(RPC method, status code, level name, outcome): never a session or user id.
+The Grafana dashboard and alert rules in `helm/nsam/` use exactly these names.
+"""
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_NORM = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1, 5, 10, 50, 100, 1000)
+_LOSS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 6, 8, 12)
+_BYTES = tuple(2.0**k for k in range(10, 31, 2))
+_BATCH = (1, 2, 4, 8, 16, 32, 64)
+
+registry: CollectorRegistry = REGISTRY
+
+# --- serving -----------------------------------------------------------------------------
+requests_total = Counter(
+    "nsam_requests_total", "RPCs handled, by method and gRPC status code.", ["method", "code"]
+)
+request_duration_seconds = Histogram(
+    "nsam_request_duration_seconds", "Wall time of an RPC.", ["method"], buckets=_LATENCY
+)
+time_to_first_token_seconds = Histogram(
+    "nsam_time_to_first_token_seconds", "From Chat request to its first streamed token.",
+    buckets=_LATENCY,
+)
+inter_token_latency_seconds = Histogram(
+    "nsam_inter_token_latency_seconds", "Time between consecutive streamed tokens.",
+    buckets=_LATENCY,
+)
+prompt_tokens_total = Counter("nsam_prompt_tokens_total", "Prompt tokens prefilled.")
+generated_tokens_total = Counter("nsam_generated_tokens_total", "Tokens generated.")
+active_sessions = Gauge("nsam_active_sessions", "Sessions with a turn in flight on this replica.")
+queued_turns = Gauge("nsam_queued_turns", "Turns waiting for a slot in the decode batch.")
+batch_size = Histogram(
+    "nsam_batch_size", "Sequences in each decode step.", buckets=_BATCH
+)
+
+# --- memory health, per level (fast, medium, user) ---------------------------------------
+level_surprise = Histogram(
+    "nsam_level_surprise", "Inner loss seen by a level's update (its surprise).", ["level"],
+    buckets=_LOSS,
+)
+level_update_norm = Histogram(
+    "nsam_level_update_norm", "L2 norm of one accepted update to a level's weights.", ["level"],
+    buckets=_NORM,
+)
+level_state_norm = Histogram(
+    "nsam_level_state_norm", "L2 norm of a level's weights after a committed update.", ["level"],
+    buckets=_NORM,
+)
+level_drift = Histogram(
+    "nsam_level_drift", "L2 distance of a level's weights from its parent level.", ["level"],
+    buckets=_NORM,
+)
+level_rejected_updates_total = Counter(
+    "nsam_level_rejected_updates_total",
+    "Updates rejected by the guards (non-finite values or norm past the bound).",
+    ["level", "reason"],
+)
+level_update_duration_seconds = Histogram(
+    "nsam_level_update_duration_seconds", "Wall time of one level update.", ["level"],
+    buckets=_LATENCY,
+)
+forgetting_probe_loss = Histogram(
+    "nsam_forgetting_probe_loss",
+    "Loss on the general-text forgetting probe of a candidate user level.", buckets=_LOSS,
+)
+forgetting_probe_baseline_loss = Gauge(
+    "nsam_forgetting_probe_baseline_loss",
+    "Loss of the frozen model on the same forgetting probe (the alert baseline).",
+)
+
+# --- state store -------------------------------------------------------------------------
+store_operation_duration_seconds = Histogram(
+    "nsam_store_operation_duration_seconds", "Latency of a state-store operation.",
+    ["operation"], buckets=_LATENCY,
+)
+store_errors_total = Counter(
+    "nsam_store_errors_total", "State-store operations that failed.", ["operation"]
+)
+state_bytes = Histogram(
+    "nsam_state_bytes", "Size of a committed level state.", ["kind"], buckets=_BYTES
+)
+cas_conflicts_total = Counter(
+    "nsam_cas_conflicts_total", "Compare-and-set commits refused by a newer version.", ["kind"]
+)
+
+# --- consolidation -----------------------------------------------------------------------
+consolidation_queue_depth = Gauge(
+    "nsam_consolidation_queue_depth", "Consolidation jobs enqueued and not yet acknowledged."
+)
+consolidation_lag_seconds = Histogram(
+    "nsam_consolidation_lag_seconds", "From enqueue of a consolidation job to its start.",
+    buckets=_LATENCY,
+)
+consolidation_duration_seconds = Histogram(
+    "nsam_consolidation_duration_seconds", "Wall time of one consolidation job.",
+    buckets=_LATENCY,
+)
+consolidation_jobs_total = Counter(
+    "nsam_consolidation_jobs_total",
+    "Consolidation jobs by outcome (accepted, rejected, conflict, failed).", ["outcome"],
+)
