@@ -1,0 +1,1 @@
+"""nsam's service layer: gRPC edge, engine, state store, consolidation worker. No tensor math."""

@@ -1,0 +1,137 @@
+"""Assembles a running server from Settings: store, model thread, engine, consolidation
+worker, the gRPC server (services, health, reflection, the status interceptor) and /metrics.
+
+`NsamServer.start` is what `nsam serve` runs and what tests start on a free port;
+`NsamServer.stop` drains: health turns NOT_SERVING, new RPCs are refused, turns in flight
+finish (up to the grace period), then the worker, the model thread and the store close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nsam.protos import nsam_pb2 as pb
+from nsam.protos import nsam_pb2_grpc as pb_grpc
+from nsam.server.auth import ApiKeys
+from nsam.server.engine import Engine, LevelBook, ModelThread
+from nsam.server.errors import StatusInterceptor
+from nsam.server.service import AdminService, ChatService, MemoryService
+from nsam.server.settings import Settings
+from nsam.server.store import StateStore
+from nsam.server.worker import ConsolidationWorker, Consolidator
+
+log = logging.getLogger(__name__)
+
+SERVICES = [pb.DESCRIPTOR.services_by_name[n].full_name
+            for n in ("ChatService", "MemoryService", "AdminService")]
+
+
+def load_model(settings: Settings) -> Any:
+    from nsam.model.runtime import NsamModel
+    return NsamModel.load(settings.model, settings.dtype)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    size = settings.limits.max_grpc_message_bytes
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+@dataclass
+class NsamServer:
+    settings: Settings
+    port: int
+    store: StateStore
+    thread: ModelThread
+    engine: Engine
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    worker: ConsolidationWorker | None = None
+    worker_task: asyncio.Task | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings, model: Any = None) -> "NsamServer":
+        keys = ApiKeys.from_file(settings.api_keys_file)
+        store = await StateStore.connect(settings.redis_url, settings.data_dir,
+                                         session_ttl_s=settings.session_ttl_s,
+                                         versions_kept=settings.user_versions_kept)
+        try:
+            if model is None:
+                model = await asyncio.to_thread(load_model, settings)
+            thread = ModelThread(model, settings.max_batch, learning=settings.learning)
+        except BaseException:
+            await store.close()
+            raise
+        levels = LevelBook()
+        consolidator = Consolidator(store, thread, levels)
+        engine = Engine(settings, store, thread, levels, consolidator)
+
+        server = grpc.aio.server(interceptors=[StatusInterceptor()], options=grpc_options(settings))
+        pb_grpc.add_ChatServiceServicer_to_server(ChatService(engine, keys), server)
+        pb_grpc.add_MemoryServiceServicer_to_server(MemoryService(engine, keys), server)
+        pb_grpc.add_AdminServiceServicer_to_server(AdminService(engine, keys), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls:
+            creds = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+        await server.start()
+        for name in ["", *SERVICES]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        self = cls(settings, port, store, thread, engine, server, health_servicer)
+        if settings.consolidation == "inprocess" and settings.learning:
+            self.worker = ConsolidationWorker(store, consolidator, settings.consumer_name,
+                                              settings.claim_idle_ms)
+            self.worker_task = asyncio.create_task(self.worker.run(), name="nsam-consolidation")
+        return self
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)  # refuses new RPCs, lets turns in flight finish
+        if self.worker is not None:
+            self.worker.stop()
+            await asyncio.wait([self.worker_task], timeout=grace + 5)
+        await asyncio.to_thread(self.thread.stop)
+        await self.store.close()
+
+
+def start_metrics(settings: Settings) -> None:
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        from nsam.server import metrics
+        start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+
+
+def connect_hint(settings: Settings, port: int, store: StateStore) -> str:
+    host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+    lines = [
+        f"nsam serving {settings.model!r} on {settings.host}:{port} "
+        f"({'TLS' if settings.tls else 'plaintext'}), state in {store.location}",
+        f"  learning {'on' if settings.learning else 'off'}, consolidation {settings.consolidation}, "
+        f"max batch {settings.max_batch}",
+    ]
+    if settings.metrics_port:
+        lines.append(f"  metrics: http://{host}:{settings.metrics_port}/metrics")
+    if settings.open_mode:
+        lines.append("  OPEN LOCAL MODE: no --api-keys-file, so every caller is trusted, may act "
+                     "as any user and call admin RPCs. Bind to localhost only.")
+    else:
+        lines.append(f"  API keys from {settings.api_keys_file}")
+    lines.append(f"  chat: nsam chat --target {host}:{port} --user alice")
+    return "\n".join(lines)

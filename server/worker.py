@@ -1,0 +1,163 @@
+"""Consolidation: folds a session's learning into its user's slow level, in the background.
+
+Jobs arrive on a Redis Stream read by a consumer group, so any number of workers (the
+in-process one of a single-machine server, or `nsam consolidate` replicas) share them; a job
+a crashed worker left unacknowledged is reclaimed with XAUTOCLAIM after `claim_idle_ms`.
+A job runs `model.consolidate`, keeps the result only if the model's report accepts it
+(forgetting probe, drift) and commits it with compare-and-set on the user level version;
+then it is acknowledged. The model runs on the caller's ModelThread, never here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from nsam.server import metrics
+from nsam.server.engine import LevelBook, ModelThread
+from nsam.server.errors import Conflict, NotFound, ServiceError
+from nsam.server.store import Job, StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConsolidationOutcome:
+    session_id: str
+    outcome: str            # accepted | rejected | conflict | skipped | failed
+    reason: str
+    user_memory_version: int
+    probe_loss: float = 0.0
+    baseline_probe_loss: float = 0.0
+    update_norm: float = 0.0
+    drift: float = 0.0
+    seconds: float = 0.0
+
+
+class Consolidator:
+    """Runs one consolidation (a session into its user level) end to end."""
+
+    def __init__(self, store: StateStore, model_thread: ModelThread, levels: LevelBook,
+                 attempts: int = 3):
+        self.store = store
+        self.thread = model_thread
+        self.levels = levels
+        self.attempts = attempts
+
+    async def run(self, session_id: str) -> ConsolidationOutcome:
+        start = time.perf_counter()
+        for _ in range(self.attempts):
+            try:
+                outcome = await self._once(session_id)
+            except Conflict:  # the user level moved on: consolidate against the new one
+                metrics.consolidation_jobs_total.labels("conflict").inc()
+                continue
+            except NotFound as exc:
+                outcome = ConsolidationOutcome(session_id, "skipped", str(exc), 0)
+            break
+        else:
+            outcome = ConsolidationOutcome(session_id, "conflict", "user level kept moving", 0)
+        metrics.consolidation_duration_seconds.observe(time.perf_counter() - start)
+        if outcome.outcome != "conflict":
+            metrics.consolidation_jobs_total.labels(outcome.outcome).inc()
+        await self.store.record_outcome(outcome.outcome, outcome.probe_loss or None,
+                                        outcome.baseline_probe_loss or None)
+        return outcome
+
+    async def _once(self, session_id: str) -> ConsolidationOutcome:
+        model = self.thread.model
+        session = await self.store.get_session(session_id, with_state=True)
+        if session.version == 0 or session.consolidated_version >= session.version:
+            version = await self.store.user_level_version(session.user)
+            return ConsolidationOutcome(session_id, "skipped", "nothing new since the last consolidation",
+                                        version)
+        level = await self.store.get_user_level(session.user)
+        user_state = level.state if level else await self.thread.call(model.new_user_state)
+        expected = level.version if level else 0
+        new_state, report = await self.thread.call(
+            model.consolidate, user_state, session.state, session.transcript)
+        metrics.forgetting_probe_loss.observe(report.probe_loss)
+        metrics.forgetting_probe_baseline_loss.set(report.baseline_probe_loss)
+        common = dict(probe_loss=report.probe_loss, baseline_probe_loss=report.baseline_probe_loss,
+                      update_norm=report.update_norm, drift=report.drift, seconds=report.seconds)
+        if not report.accepted:
+            metrics.level_rejected_updates_total.labels("user", report.reason or "rejected").inc()
+            return ConsolidationOutcome(session_id, "rejected", report.reason, expected, **common)
+        version = await self.store.commit_user_level(
+            session.user, expected, new_state, "consolidation", session)
+        metrics.level_update_norm.labels("user").observe(report.update_norm)
+        metrics.level_drift.labels("user").observe(report.drift)
+        metrics.level_update_duration_seconds.labels("user").observe(report.seconds)
+        return ConsolidationOutcome(session_id, "accepted", report.reason, version, **common)
+
+
+class ConsolidationWorker:
+    """A consumer of the consolidation stream; several may run against one Redis."""
+
+    def __init__(self, store: StateStore, consolidator: Consolidator, consumer: str,
+                 claim_idle_ms: int = 60_000, block_ms: int = 1000):
+        self.store = store
+        self.consolidator = consolidator
+        self.consumer = consumer
+        self.claim_idle_ms = claim_idle_ms
+        self.block_ms = block_ms
+        self._stop = asyncio.Event()
+        self.processed = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Consumes jobs until stop(); a store outage pauses it, never ends it."""
+        await self._retry(self.store.ensure_group)
+        last_claim = 0.0
+        while not self._stop.is_set():
+            try:
+                jobs: list[Job] = []
+                if time.monotonic() - last_claim > self.claim_idle_ms / 4000:
+                    jobs = await self.store.claim_stale_jobs(self.consumer, self.claim_idle_ms)
+                    last_claim = time.monotonic()
+                if not jobs:
+                    jobs = await self.store.read_jobs(self.consumer, 1, self.block_ms)
+                for job in jobs:
+                    await self.handle(job)
+                stats = await self.store.queue_stats()
+                metrics.consolidation_queue_depth.set(stats.depth)
+            except ServiceError as exc:
+                log.warning("consolidation worker: %s", exc)
+                await self._sleep(1.0)
+            except Exception:  # noqa: BLE001 - keep consuming
+                log.exception("consolidation worker error")
+                await self._sleep(1.0)
+
+    async def handle(self, job: Job) -> ConsolidationOutcome:
+        metrics.consolidation_lag_seconds.observe(max(0.0, time.time() - job.enqueued_ms / 1000))
+        try:
+            outcome = await self.consolidator.run(job.session_id)
+        except ServiceError:
+            raise  # store outage: leave the job pending, it is retried or reclaimed
+        except Exception as exc:  # noqa: BLE001 - a job that cannot succeed is dropped
+            log.exception("consolidation of %s failed", job.session_id)
+            metrics.consolidation_jobs_total.labels("failed").inc()
+            await self.store.record_outcome("failed")
+            outcome = ConsolidationOutcome(job.session_id, "failed", type(exc).__name__, 0)
+        await self.store.ack_job(job)
+        self.processed += 1
+        log.info("consolidated %s: %s (%s)", job.session_id, outcome.outcome, outcome.reason)
+        return outcome
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _retry(self, fn) -> None:
+        while not self._stop.is_set():
+            try:
+                return await fn()
+            except ServiceError as exc:
+                log.warning("consolidation worker waiting for the store: %s", exc)
+                await self._sleep(1.0)
