@@ -23,7 +23,7 @@ EVERYTHING_ON = {
         "gpu": {"enabled": True, "count": 2},
         "tls": {"enabled": True, "secretName": "nsam-tls"},
         "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
-        "extraArgs": ["--log-level=debug"],
+        "extraArgs": ["--max-batch=16"],
         "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "4"}],
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
@@ -127,7 +127,7 @@ def test_server_probes_use_grpc_health(render):
     server = one(render({}), "Deployment", "-server")["spec"]["template"]["spec"]["containers"][0]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert server[probe]["grpc"] == {"port": 50051}
-    assert "--host=0.0.0.0" in server["args"] and server["args"][0] == "serve"
+    assert "--host=0.0.0.0" in server["args"] and server["args"][:2] == ["--log-level=$(NSAM_LOG_LEVEL)", "serve"]
     assert "--consolidation=$(NSAM_CONSOLIDATION)" in server["args"]
     assert "nvidia.com/gpu" not in server["resources"].get("limits", {})
 

@@ -13,7 +13,7 @@ helm = pytest.importorskip("helm_python")
 INVALID = {
     "unknown top-level key": {"replicas": 3},
     "unknown nested key": {"server": {"autoscaling": {"enable": True}}},
-    "dtype not in enum": {"model": {"dtype": "float16"}},
+    "dtype not in enum": {"model": {"dtype": "int8"}},
     "image variant not in enum": {"image": {"variant": "rocm"}},
     "replica count negative": {"server": {"replicaCount": -1}},
     "replica count as string": {"worker": {"replicaCount": "2"}},
