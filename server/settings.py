@@ -81,7 +81,7 @@ def _default_data_dir(env: Mapping[str, str]) -> Path:
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f'"default" (SmolLM2-135M-Instruct), "tiny", or a path [env {ENV_MODEL}]')
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16")
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:

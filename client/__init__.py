@@ -1,0 +1,10 @@
+"""Python clients of the nsam service (async and blocking) returning plain dataclasses."""
+
+from nsam.client.client import AsyncClient, Client
+from nsam.client.types import (ConsolidationResult, ExportedMemory, LevelHealth, LevelInfo,
+                               MemoryHealth, MemoryInfo, MemoryVersion, Message, NsamError,
+                               Sampling, Session, Token, TurnResult)
+
+__all__ = ["AsyncClient", "Client", "ConsolidationResult", "ExportedMemory", "LevelHealth",
+           "LevelInfo", "MemoryHealth", "MemoryInfo", "MemoryVersion", "Message", "NsamError",
+           "Sampling", "Session", "Token", "TurnResult"]

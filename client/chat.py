@@ -1,0 +1,170 @@
+"""`nsam chat`: a terminal chat that streams tokens as they come and manages memory.
+
+    nsam chat --user alice                  new session for alice
+    nsam chat --user alice --session ID     resume a session
+
+In the chat: /memory  /forget  /export FILE  /rollback N  /consolidate  /session  /quit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+from nsam.client.client import Client
+from nsam.client.types import NsamError, Sampling, Token, TurnResult
+
+HELP = """commands:
+  /memory          your memory levels and the kept versions of the user level
+  /forget          delete everything the service keeps about you (asks first)
+  /export FILE     save your user level (safetensors) to FILE
+  /rollback N      make kept version N of your user level current again
+  /consolidate     fold your sessions into your user level now (admin / open mode)
+  /session         this session's id and version
+  /quit            leave (the session is ended and consolidated)"""
+
+
+def _time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class ChatLoop:
+    """Reads lines from `stdin`, runs turns and commands, writes to `out`."""
+
+    def __init__(self, client: Client, user: str, session_id: str | None, sampling: Sampling,
+                 out: TextIO = sys.stdout, system_prompt: str = ""):
+        self.client, self.user, self.sampling, self.out = client, user, sampling, out
+        self.stdin: TextIO = sys.stdin
+        self.system_prompt = system_prompt
+        if session_id:
+            s = client.get_session(session_id)
+            self.print(f"resumed session {s.session_id} ({s.turns} turns, version {s.version})")
+        else:
+            s = client.create_session(user, system_prompt)
+            self.print(f"new session {s.session_id} (user memory version {s.user_memory_version})")
+        self.session = s
+
+    def print(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def run(self, stdin: TextIO = sys.stdin, prompt: bool = True) -> int:
+        self.stdin = stdin
+        self.print("type a message, /help for commands")
+        while True:
+            if prompt:
+                self.print("> ", end="")
+            line = stdin.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                if line.startswith("/"):
+                    if not self.command(line):
+                        break
+                else:
+                    self.turn(line)
+            except NsamError as err:
+                self.print(f"[{err.code.name}] {err.message}")
+        self.quit()
+        return 0
+
+    def turn(self, message: str) -> None:
+        for item in self.client.chat(self.session.session_id, message, self.sampling):
+            if isinstance(item, Token):
+                self.print(item.text, end="")
+            elif isinstance(item, TurnResult):
+                self.print()
+                self.print(f"  [{item.finish_reason}, {item.completion_tokens} tokens, session "
+                           f"v{item.session_version}{', learned' if item.learned else ''}]")
+
+    def command(self, line: str) -> bool:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            self.print(HELP)
+        elif name == "/memory":
+            info = self.client.memory(self.user)
+            self.print(f"user {info.user}: user level version {info.version} "
+                       f"(model {info.model_fingerprint})")
+            for v in info.versions:
+                self.print(f"  v{v.version}  {v.source:13s} {v.state_bytes:>10d} B  {_time(v.created_unix_ms)}")
+            for level in info.levels:
+                if level.name == "session":
+                    mark = " (this one)" if level.owner == self.session.session_id else ""
+                    self.print(f"  session {level.owner} v{level.version} {level.state_bytes} B{mark}")
+        elif name == "/forget":
+            self.print(f"delete ALL memory and sessions of {self.user}? type yes: ", end="")
+            if arg == "--yes" or self.stdin.readline().strip().lower() == "yes":
+                n = self.client.forget(self.user)
+                self.print(f"forgot {self.user} ({n} keys deleted); starting a new session")
+                self.session = self.client.create_session(self.user, self.system_prompt)
+        elif name == "/export":
+            if not arg:
+                self.print("usage: /export FILE")
+            else:
+                exported = self.client.export_memory(self.user)
+                Path(arg).write_bytes(exported.state)
+                self.print(f"wrote user level v{exported.version} ({len(exported.state)} B) to {arg}")
+        elif name == "/rollback":
+            if not arg.isdigit():
+                self.print("usage: /rollback N   (see /memory for the kept versions)")
+            else:
+                v = self.client.rollback(int(arg), self.user)
+                self.print(f"user level is now v{v.version} (the bytes of v{arg}); new sessions start from it")
+        elif name == "/consolidate":
+            for r in self.client.consolidate_now(self.user):
+                self.print(f"  {r.session_id}: {r.outcome} ({r.reason}) probe {r.probe_loss:.3f} "
+                           f"vs {r.baseline_probe_loss:.3f} -> user v{r.user_memory_version}")
+        elif name == "/session":
+            s = self.client.get_session(self.session.session_id)
+            self.print(f"session {s.session_id}: {s.turns} turns, version {s.version}")
+        else:
+            self.print(f"unknown command {name}; /help lists them")
+        return True
+
+    def quit(self) -> None:
+        try:
+            _, enqueued = self.client.end_session(self.session.session_id)
+            self.print(f"session ended{'; consolidation queued' if enqueued else ''} "
+                       f"(Ctrl-C instead leaves it open to resume with --session)")
+        except NsamError as err:
+            self.print(f"[{err.code.name}] {err.message}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nsam chat", description=__doc__.splitlines()[0])
+    p.add_argument("--target", default=os.environ.get("NSAM_TARGET", "127.0.0.1:50051"))
+    p.add_argument("--user", default="", help="your user id (may be omitted with a user key)")
+    p.add_argument("--session", default=None, help="resume this session id")
+    p.add_argument("--api-key", default=os.environ.get("NSAM_API_KEY"), help="[env NSAM_API_KEY]")
+    p.add_argument("--tls", action="store_true", help="use TLS (system roots or --root-cert)")
+    p.add_argument("--root-cert", default=None, help="PEM root certificate for TLS")
+    p.add_argument("--system", default="", help="system prompt of a new session")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    args = p.parse_args(argv)
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature)
+    with Client(args.target, api_key=args.api_key, tls=args.tls, root_cert=args.root_cert) as client:
+        try:
+            loop = ChatLoop(client, args.user, args.session, sampling, system_prompt=args.system)
+        except NsamError as err:
+            print(f"[{err.code.name}] {err.message}", file=sys.stderr)
+            return 1
+        try:
+            return loop.run(prompt=sys.stdin.isatty())
+        except KeyboardInterrupt:
+            print(f"\nleft session {loop.session.session_id} open; resume with --session")
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
