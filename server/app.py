@@ -54,6 +54,7 @@ class NsamServer:
     health: health.aio.HealthServicer
     worker: ConsolidationWorker | None = None
     worker_task: asyncio.Task | None = None
+    stopped: bool = False
 
     @classmethod
     async def start(cls, settings: Settings, model: Any = None) -> "NsamServer":
@@ -100,6 +101,9 @@ class NsamServer:
         return self
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)  # refuses new RPCs, lets turns in flight finish
