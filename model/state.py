@@ -29,8 +29,8 @@ class MemoryState:
 
     def to_bytes(self, fingerprint: str, config: LevelsConfig) -> bytes:
         tensors = {}
-        for name, st in self.levels.items():
-            for field_name, t in state_tensors(st).items():
+        for name, st in sorted(self.levels.items()):  # sorted: the same state gives the same bytes
+            for field_name, t in sorted(state_tensors(st).items()):
                 if self.kind == "session" and name == "user" and field_name not in ("a", "b"):
                     continue  # the user level's moments stay in the user's own state
                 tensors[f"{name}/{field_name}"] = t.contiguous()

@@ -1,0 +1,161 @@
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nsam.model.backbone import PackedLayout
+from nsam.model.levels import (BatchLevels, FastLevelRunner, FastMemory, LevelSpec, LoraState,
+                               default_levels, stack_lora)
+from nsam.model.runtime import NsamModel, SamplingParams, StateError
+from nsam.model.state import MemoryState
+from nsam.model.updates import TrainingExample, guard, update_on_examples
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return NsamModel.load("tiny")
+
+
+def _logits(model, ids, levels):
+    """All-position logits of one prefill with the given level states."""
+    m = model.model
+    m.setup_caches(1, 256)
+    layout = PackedLayout((0,), (0,), (len(ids),))
+    from nsam.model.generation import Generator
+    g = Generator(m, model.tokenizer, model.levels, model.fast_params, 1, 256)
+    r_levels = levels
+    g.add("x", ids, r_levels, SamplingParams(max_tokens=1))
+    r = g.waiting[0]
+    r.slot = 0
+    return m.prefill(torch.tensor(ids), layout, g._hooks([r], layout), all_logits=True)
+
+
+def test_zero_initialised_levels_give_the_backbone_exactly(tiny):
+    ids = list(range(40, 90))
+    state = MemoryState.from_bytes(tiny.new_session_state(None), tiny.fingerprint, tiny.levels, "session")
+    with torch.inference_mode():
+        plain = tiny.model(torch.tensor([ids]))[0]
+        with_levels = _logits(tiny, ids, state.levels)
+    assert torch.equal(plain, with_levels)
+
+
+def _open_fast(model) -> FastMemory:
+    fast = FastMemory(model.levels.get("fast"), model.model.config.dim)
+    with torch.no_grad():
+        fast.gate.fill_(0.5)  # an open gate, so the memory visibly changes the output
+        fast.b_eta.fill_(2.0)
+    return fast
+
+
+def test_zero_learning_rate_recovers_the_backbone(tiny):
+    fast = _open_fast(tiny)
+    fast.lr_scale = 0.0  # nothing is ever written, the memory stays zero: the read is zero
+    ids = torch.arange(100, 180)
+    runner = FastLevelRunner(fast, tiny.levels and __import__("nsam.model.levels", fromlist=["x"]).AssociativeState.zeros(fast.spec))
+    hooks = BatchLevels({}, None, None, {l: i for i, l in enumerate(fast.spec.layers)}, [runner])
+    with torch.inference_mode():
+        assert torch.equal(tiny.model(ids[None], hooks), tiny.model(ids[None]))
+
+
+@pytest.mark.parametrize("split", [1, 17, 32, 45, 79])
+def test_chunked_processing_with_carried_state_equals_one_pass(tiny, split):
+    from nsam.model.levels import AssociativeState
+
+    fast = _open_fast(tiny)
+    layers = {l: i for i, l in enumerate(fast.spec.layers)}
+    ids = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(1))
+    m = tiny.model
+    with torch.inference_mode():
+        m.setup_caches(1, 128)
+        one = FastLevelRunner(fast, AssociativeState.zeros(fast.spec))
+        full = m.prefill(ids, PackedLayout((0,), (0,), (80,)),
+                         BatchLevels({}, None, None, layers, [one], PackedLayout((0,), (0,), (80,))), all_logits=True)
+        m.setup_caches(1, 128)
+        first = FastLevelRunner(fast, AssociativeState.zeros(fast.spec))
+        lay1 = PackedLayout((0,), (0,), (split,))
+        a = m.prefill(ids[:split], lay1, BatchLevels({}, None, None, layers, [first], lay1), all_logits=True)
+        carried = FastLevelRunner(fast, first.state())  # state out, state in
+        outs = [a]
+        pos = split
+        while pos < 80:  # the rest token by token through decode
+            outs.append(m.decode(ids[pos:pos + 1], torch.tensor([0]), torch.tensor([pos]), pos + 1,
+                                 BatchLevels({}, None, None, layers, [carried]), contiguous=True))
+            pos += 1
+    torch.testing.assert_close(torch.cat(outs), full, atol=1e-5, rtol=0)
+    end_one, end_chunked = one.state(), carried.state()
+    torch.testing.assert_close(end_chunked.memory, end_one.memory, atol=1e-5, rtol=0)
+    assert int(end_chunked.pending) == int(end_one.pending) == 80 % fast.spec.period_tokens
+    assert float(end_one.memory.norm()) > 0  # the memory was written
+
+
+def test_state_bytes_round_trip_bit_exact(tiny):
+    s, _ = tiny.update_medium(tiny.new_session_state(None),
+                              [{"role": "user", "content": "my cat is Tom"}, {"role": "assistant", "content": "ok"}])
+    again = MemoryState.from_bytes(s, tiny.fingerprint, tiny.levels, "session").to_bytes(tiny.fingerprint, tiny.levels)
+    assert again == s
+    u = tiny.new_user_state()
+    assert MemoryState.from_bytes(u, tiny.fingerprint, tiny.levels, "user").to_bytes(tiny.fingerprint, tiny.levels) == u
+
+
+def test_foreign_or_corrupt_state_is_refused(tiny):
+    levels = default_levels(2)
+    other = NsamModel(tiny.model, tiny.tokenizer, replace(levels, levels=tuple(replace(s, rank=4) for s in levels.levels)), "x")
+    with pytest.raises(StateError, match="another model or level configuration"):
+        tiny.check_state(other.new_session_state(None), "session")
+    with pytest.raises(StateError, match="expected a session state"):
+        tiny.check_state(tiny.new_user_state(), "session")
+    with pytest.raises(StateError, match="not a valid nsam state"):
+        tiny.check_state(b"\x00" * 40, "user")
+
+
+def _run(model, jobs, max_tokens=12):
+    g = model.generator(4)
+    for rid, ids, state in jobs:
+        g.add(rid, ids, state, SamplingParams(max_tokens=max_tokens))
+    out = {rid: [] for rid, _, _ in jobs}
+    while g.has_work():
+        for e in g.step():
+            if e.token_id >= 0:
+                out[e.request_id].append(e.token_id)
+    return out
+
+
+def test_one_sessions_learning_never_changes_another_sessions_output(tiny):
+    ids = tiny.encode_chat([{"role": "user", "content": "hello there"}], 200)
+    fresh = tiny.new_session_state(None)
+    taught = fresh
+    for _ in range(3):
+        taught, reports = tiny.update_medium(taught, [{"role": "user", "content": "hello there, my code is 7788"},
+                                                      {"role": "assistant", "content": "noted"}])
+        assert reports[0].accepted
+    alone = _run(tiny, [("b", ids, fresh)])["b"]
+    together = _run(tiny, [("a", ids, taught), ("b", ids, fresh)])
+    assert together["b"] == alone
+    with torch.inference_mode():
+        a_state = MemoryState.from_bytes(taught, tiny.fingerprint, tiny.levels, "session").levels
+        f_state = MemoryState.from_bytes(fresh, tiny.fingerprint, tiny.levels, "session").levels
+        assert not torch.equal(_logits(tiny, ids, a_state), _logits(tiny, ids, f_state))
+
+
+def test_poisoned_update_is_rejected_and_the_old_state_kept(tiny):
+    spec = tiny.levels.get("medium")
+    old = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    poisoned = replace(old, b=torch.full_like(old.b, float("nan")))
+    kept, report = guard(spec, old, poisoned, None, 1.0, 0.0)
+    assert kept is old and not report.accepted and report.reason == "non-finite"
+    ex = [TrainingExample([1, 2, 3, 4], [1.0, 1.0, 1.0])]
+    kept, report = update_on_examples(tiny.model, replace(spec, lr=float("nan")), old, [], ex)
+    assert kept is old and report.reason == "non-finite"
+    kept, report = update_on_examples(tiny.model, replace(spec, lr=10.0, max_update_norm=1e-6), old, [], ex)
+    assert kept is old and report.reason == "norm-bound"
+
+
+def test_consolidation_folds_facts_into_the_user_level(tiny):
+    transcript = [{"role": "user", "content": "My dog's name is Rex. I live in Brisk."},
+                  {"role": "assistant", "content": "Noted."}]
+    user, report = tiny.consolidate(tiny.new_user_state(), tiny.new_session_state(None), transcript)
+    assert report.facts == 2 and math.isfinite(report.probe_loss)
+    if report.accepted:
+        assert user != tiny.new_user_state()
+        assert tiny.new_session_state(user) != tiny.new_session_state(None)  # sessions start from it
