@@ -7,6 +7,7 @@ written by another model or level config is refused with `StateError`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,7 +37,9 @@ class MemoryState:
                 tensors[f"{name}/{field_name}"] = t.contiguous()
         meta = {"format": FORMAT, "kind": self.kind, "fingerprint": fingerprint,
                 "levels": ",".join(sorted(self.levels))}
-        return save(tensors, metadata=meta)
+        # One metadata entry: safetensors does not keep the order of several, and the same
+        # state must always give the same bytes.
+        return save(tensors, metadata={"nsam": json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes, fingerprint: str, config: LevelsConfig, kind: str) -> "MemoryState":
@@ -72,7 +75,6 @@ class MemoryState:
 
 def _metadata(data: bytes) -> dict[str, str]:
     """Read the safetensors header's metadata without touching the tensors."""
-    import json
     import struct
 
     if len(data) < 8:
@@ -80,7 +82,7 @@ def _metadata(data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8:
         raise ValueError("header length past the end")
-    return json.loads(data[8:8 + n]).get("__metadata__", {})
+    return json.loads(json.loads(data[8:8 + n]).get("__metadata__", {}).get("nsam", "{}"))
 
 
 def user_snapshot(user: LoraState) -> LoraState:
