@@ -215,7 +215,7 @@ class FastLevelRunner:
             t0 += n
             if self.pending[i] == self.c:
                 err = (self.pk[i] @ self.memory[i].T - self.pv[i]).pow(2).sum(-1).mean()
-                self.surprise.append(float(err))
+                self.surprise.append(float(err.detach()))
                 self.memory[i], self.momentum[i] = _write_chunk(
                     self.memory[i], self.momentum[i], self.pk[i], self.pv[i], self.peta[i],
                     self.palpha[i], beta)

@@ -37,6 +37,22 @@ def _preset_text(name: str) -> str:
     return (Path(__file__).parent / "presets" / name).read_text()
 
 
+def _load_trained_fast(fast: FastMemory, model_fingerprint: str) -> bool:
+    """Use the meta-trained fast-level parameters shipped with the package, when they were
+    trained for this backbone and level spec (`nsam train-memory --install`)."""
+    from safetensors import safe_open
+
+    path = Path(__file__).parent / "presets" / "fast_memory.safetensors"
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("model") != model_fingerprint or meta.get("spec") != repr(fast.spec):
+            return False
+        fast.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    return True
+
+
 class NsamModel:
     def __init__(self, model: Transformer, tokenizer, levels: LevelsConfig, source: str,
                  context_window: int = 2048, consolidation: ConsolidationConfig = ConsolidationConfig()):
@@ -48,7 +64,9 @@ class NsamModel:
         if fast_spec is not None:
             torch.manual_seed(0)  # same initial projections in every process
             self.fast_params = FastMemory(fast_spec, model.config.dim).requires_grad_(False)
-        digest = hashlib.sha256(f"{model.config.fingerprint()}|{levels!r}|{source}".encode())
+            self.fast_trained = _load_trained_fast(self.fast_params, model.config.fingerprint())
+        trained = "trained" if getattr(self, "fast_trained", False) else "init"
+        digest = hashlib.sha256(f"{model.config.fingerprint()}|{levels!r}|{source}|{trained}".encode())
         self.fingerprint = digest.hexdigest()[:16]
         self.anchor_ids = tokenizer.encode(_preset_text("anchor.txt"))
         self.probe_ids = tokenizer.encode(_preset_text("probe.txt"))
