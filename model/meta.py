@@ -69,3 +69,29 @@ def general_loss(model: Transformer, fast: FastMemory, ids: list[int]) -> torch.
     x = torch.tensor([ids])
     logits = model(x, BatchLevels({}, None, None, layers, [runner]))
     return F.cross_entropy(logits[0, :-1].float(), x[0, 1:])
+
+
+def held_out_loss(model: Transformer, fast: FastMemory, tokenizer, facts: int, episodes: int) -> float:
+    """Mean answer loss on fixed held-out episodes (seeds never used in training)."""
+    eps = [make_episode(tokenizer, random.Random(10_000 + i), facts, fast.spec.period_tokens) for i in range(episodes)]
+    with torch.no_grad():
+        return sum(float(episode_loss(model, fast, ep)) for ep in eps) / len(eps)
+
+
+def meta_train(model: Transformer, fast: FastMemory, tokenizer, general_ids: list[int], steps: int, lr: float,
+               facts: int, general_weight: float, seed: int, on_step=None) -> FastMemory:
+    """Adam on the fast level's learned parameters over generated episodes (in place on `fast`,
+    which is also returned); `on_step(step, loss, gate)` reports progress."""
+    rng = random.Random(seed)
+    fast.requires_grad_(True)
+    opt = torch.optim.Adam(fast.parameters(), lr=lr)
+    for step in range(1, steps + 1):
+        ep = make_episode(tokenizer, rng, facts, fast.spec.period_tokens)
+        loss = episode_loss(model, fast, ep) + general_weight * general_loss(model, fast, general_ids)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(fast.parameters(), 1.0)
+        opt.step()
+        if on_step is not None:
+            on_step(step, float(loss), torch.tanh(fast.gate).tolist())
+    return fast.requires_grad_(False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--install", action="store_true", help="write into the package's presets")
     args = parser.parse_args(argv)
 
-    import torch
     from safetensors.torch import save_file
 
     from nsam.model import meta
@@ -37,32 +35,18 @@ def main(argv: list[str]) -> int:
 
     nsam = NsamModel.load(args.model)
     model = nsam.model.to(args.device)
-    fast = nsam.fast_params.to(args.device).requires_grad_(True)
-    chunk = fast.spec.period_tokens
-    rng = random.Random(args.seed)
-    held_out = [meta.make_episode(nsam.tokenizer, random.Random(10_000 + i), args.facts, chunk)
-                for i in range(args.eval_episodes)]
-    general = nsam.anchor_ids[:256]
-
-    def evaluate() -> float:
-        with torch.no_grad():
-            return sum(float(meta.episode_loss(model, fast, ep)) for ep in held_out) / len(held_out)
-
-    before = evaluate()
-    opt = torch.optim.Adam(fast.parameters(), lr=args.lr)
+    fast = nsam.fast_params.to(args.device)
+    before = meta.held_out_loss(model, fast, nsam.tokenizer, args.facts, args.eval_episodes)
     started = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        ep = meta.make_episode(nsam.tokenizer, rng, args.facts, chunk)
-        loss = meta.episode_loss(model, fast, ep) + args.general_weight * meta.general_loss(model, fast, general)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(fast.parameters(), 1.0)
-        opt.step()
+
+    def progress(step: int, loss: float, gate: list[float]) -> None:
         if step % 10 == 0 or step == args.steps:
-            print(f"step {step}/{args.steps} loss {float(loss):.3f} gate "
-                  f"{[round(float(g), 3) for g in torch.tanh(fast.gate)]} ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
-    after = evaluate()
+            print(f"step {step}/{args.steps} loss {loss:.3f} gate {[round(g, 3) for g in gate]} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    meta.meta_train(model, fast, nsam.tokenizer, nsam.anchor_ids[:256], args.steps, args.lr, args.facts,
+                    args.general_weight, args.seed, progress)
+    after = meta.held_out_loss(model, fast, nsam.tokenizer, args.facts, args.eval_episodes)
     out = args.out
     if args.install:
         import nsam.model
