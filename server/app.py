@@ -108,8 +108,7 @@ class NsamServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)  # refuses new RPCs, lets turns in flight finish
         if self.worker is not None:
-            self.worker.stop()
-            await asyncio.wait([self.worker_task], timeout=grace + 5)
+            await self.worker.shutdown(self.worker_task, grace + 5)
         await asyncio.to_thread(self.thread.stop)
         await self.store.close()
 

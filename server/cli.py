@@ -55,8 +55,7 @@ async def consolidate(settings: Settings) -> None:
     print(f"nsam consolidation worker {settings.consumer_name} on {store.location}", flush=True)
     await asyncio.wait([task, asyncio.create_task(_until_signal())],
                        return_when=asyncio.FIRST_COMPLETED)
-    worker.stop()
-    await task
+    await worker.shutdown(task, 60)
     await asyncio.to_thread(thread.stop)
     await store.close()
 

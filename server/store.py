@@ -474,10 +474,13 @@ class StateStore:
             try:
                 reply = await self._r.xreadgroup(GROUP, consumer, {STREAM: ">"},
                                                  count=count, block=block_ms)
-            except rexc.ResponseError as exc:  # group vanished (FLUSHDB): recreate it
-                if "NOGROUP" not in str(exc):
+            except rexc.ResponseError as exc:
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
-                reply = []
+                reply = None  # the stream or group vanished (FLUSHDB, failover): recreate
+        if reply is None:
+            await self.ensure_group()
+            return []
         jobs = []
         for _stream, entries in reply or []:
             jobs += [self._job(i, f) for i, f in entries if f]

@@ -105,9 +105,21 @@ class ConsolidationWorker:
         self.block_ms = block_ms
         self._stop = asyncio.Event()
         self.processed = 0
+        self.busy = False  # inside a job (not just waiting for one)
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def shutdown(self, task: asyncio.Task, timeout: float) -> None:
+        """Stops the worker running in `task`: an idle one at once, a busy one after its job
+        (or after timeout; the unacknowledged job is then reclaimed by another worker)."""
+        self.stop()
+        if not self.busy:
+            task.cancel()
+        await asyncio.wait([task], timeout=timeout)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=1)
 
     async def run(self) -> None:
         """Consumes jobs until stop(); a store outage pauses it, never ends it."""
@@ -122,7 +134,11 @@ class ConsolidationWorker:
                 if not jobs:
                     jobs = await self.store.read_jobs(self.consumer, 1, self.block_ms)
                 for job in jobs:
-                    await self.handle(job)
+                    self.busy = True
+                    try:
+                        await self.handle(job)
+                    finally:
+                        self.busy = False
                 stats = await self.store.queue_stats()
                 metrics.consolidation_queue_depth.set(stats.depth)
             except ServiceError as exc:

