@@ -1,0 +1,77 @@
+"""`nsam serve` as a process: embedded Redis by default, /metrics, chat, graceful SIGTERM."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from argparse import Namespace
+
+import pytest
+
+from nsam.server.settings import Settings, settings_from_args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_settings_from_flags_and_env(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("k admin\n")
+    env = {"NSAM_REDIS_URL": "redis://r:6379/0", "NSAM_MODEL": "tiny",
+           "NSAM_API_KEYS_FILE": str(keys), "HOME": str(tmp_path)}
+    s = settings_from_args(Namespace(), env)
+    assert (s.redis_url, s.model, s.api_keys_file, s.open_mode) == ("redis://r:6379/0", "tiny", keys, False)
+    s = settings_from_args(Namespace(redis_url="redis://other/1", model="default", learning="off"), env)
+    assert (s.redis_url, s.model, s.learning) == ("redis://other/1", "default", False)
+    assert settings_from_args(Namespace(), {"HOME": str(tmp_path)}).open_mode
+    with pytest.raises(ValueError, match="tls"):
+        settings_from_args(Namespace(tls_cert=keys), env)
+    with pytest.raises(ValueError, match="does not exist"):
+        settings_from_args(Namespace(api_keys_file=tmp_path / "missing"), {})
+    with pytest.raises(Exception):
+        Settings().port = 1  # frozen
+
+
+def test_nsam_serve_process(tmp_path):
+    port, metrics_port = _free_port(), _free_port()
+    env = {**os.environ, "NSAM_MODEL": "tiny"}
+    env.pop("NSAM_REDIS_URL", None)
+    env.pop("NSAM_API_KEYS_FILE", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nsam.server.cli", "serve", "--port", str(port),
+         "--metrics-port", str(metrics_port), "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        banner = []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            line = server.stdout.readline()
+            banner.append(line)
+            if "nsam chat" in line or not line:
+                break
+        text = "".join(banner)
+        assert f"127.0.0.1:{port}" in text and "embedded Redis" in text, text
+        assert "OPEN LOCAL MODE" in text
+
+        chat = subprocess.run(
+            [sys.executable, "-m", "nsam.server.cli", "chat", "--target", f"127.0.0.1:{port}",
+             "--user", "alice", "--max-tokens", "5"],
+            input="hello\n/memory\n/quit\n", capture_output=True, text=True, timeout=60)
+        assert chat.returncode == 0, chat.stderr
+        assert "[length, 5 tokens, session v1, learned]" in chat.stdout
+        assert "session ended; consolidation queued" in chat.stdout
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'nsam_requests_total{code="OK",method="ChatService/Chat"} 1.0' in body
+        assert "nsam_time_to_first_token_seconds_count 1.0" in body
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, out
+    assert "draining" in out
