@@ -14,14 +14,16 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ARG VARIANT=cpu
 ARG TORCH_INDEX_URL=""
+# The torch the README and CI pin.
+ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/nsam
 ENV PATH=/opt/nsam/bin:$PATH
 # torch first and on its own layer: it is the biggest and changes least often.
 RUN case "${VARIANT}" in \
-      cpu)  if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4"; \
-            else pip install "torch>=2.4"; fi ;; \
-      cuda) pip install "torch>=2.4" ;; \
+      cpu)  if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+            else pip install "torch==${TORCH_VERSION}"; fi ;; \
+      cuda) pip install "torch==${TORCH_VERSION}" ;; \
       *) echo "VARIANT must be cpu or cuda, got '${VARIANT}'" >&2; exit 1 ;; \
     esac
 # The default model (SmolLM2-135M-Instruct GGUF); its llama-cpp dependency is not needed.
