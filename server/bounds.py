@@ -40,8 +40,7 @@ def check_sampling(params: Any, limits: Limits, context_window: int) -> None:
     if not 0 <= params.top_k <= limits.max_top_k:
         raise InvalidArgument(f"sampling.top_k: {params.top_k} is outside [0, {limits.max_top_k}] (0 = off)")
     _range("top_p", params.top_p, 0.0, 1.0, low_open=True)
-    _range("repetition_penalty", params.repetition_penalty, 0.0, limits.max_repetition_penalty,
-           low_open=True)
+    _range("repetition_penalty", params.repetition_penalty, 0.5, limits.max_repetition_penalty)
     if len(params.stop) > limits.max_stop_sequences:
         raise InvalidArgument(
             f"sampling.stop: {len(params.stop)} sequences; at most {limits.max_stop_sequences}")

@@ -297,6 +297,11 @@ class Engine:
     # ---- sessions
 
     async def create_session(self, user: str, system_prompt: str) -> SessionRecord:
+        if system_prompt:
+            n = await self.thread.call(self.model.count_tokens, system_prompt)
+            if n > self.context_window // 2:
+                raise InvalidArgument(f"system_prompt: {n} tokens; at most {self.context_window // 2} "
+                                      f"(half the {self.context_window}-token context window)")
         level = await self.store.get_user_level(user)
         user_state = level.state if level else None
         state = await self.thread.call(self.model.new_session_state, user_state)
@@ -339,7 +344,10 @@ class Engine:
             if session.turns >= self.limits.max_turns_per_session:
                 raise FailedPrecondition("session has reached its turn limit; start a new one")
             messages = session.transcript + [{"role": "user", "content": message}]
-            prompt = await self.thread.call(self.model.encode_chat, messages, budget)
+            try:
+                prompt = await self.thread.call(self.model.encode_chat, messages, budget)
+            except ValueError as exc:  # the new message plus the system prompt do not fit
+                raise InvalidArgument(f"message: {exc}; shorten it or lower sampling.max_tokens") from exc
             metrics.prompt_tokens_total.inc(len(prompt))
             parts: list[str] = []
             end: TurnEnd | None = None

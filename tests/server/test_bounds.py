@@ -56,6 +56,8 @@ BAD_SAMPLING = [
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=0.3), "repetition_penalty"),
+    (dict(seed=2**63), "seed"),
     (dict(repetition_penalty=float("inf")), "repetition_penalty"),
     (dict(stop=["x"] * 20), "stop"),
     (dict(stop=[""]), "stop"),
@@ -116,6 +118,8 @@ BAD_OTHER = [
     ("CreateSession", lambda c, m, a: c.CreateSession(pb.CreateSessionRequest(user="{alice}")), INVALID),
     ("CreateSession", lambda c, m, a: c.CreateSession(
         pb.CreateSessionRequest(user="alice", system_prompt="s" * 20_000)), INVALID),
+    ("CreateSession", lambda c, m, a: c.CreateSession(   # fits the characters, not the window
+        pb.CreateSessionRequest(user="alice", system_prompt="s" * 15_000)), INVALID),
     ("GetSession", lambda c, m, a: c.GetSession(pb.GetSessionRequest(session_id="nope")), INVALID),
     ("GetSession", lambda c, m, a: c.GetSession(
         pb.GetSessionRequest(session_id="bob:" + "1" * 24)), grpc.StatusCode.NOT_FOUND),
