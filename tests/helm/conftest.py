@@ -1,31 +1,12 @@
-"""Shared fixtures for the chart tests: render the chart offline with Helm's Go library
-(helm-python-sdk, no helm binary, no cluster) and split the output into objects."""
+"""Fixtures for the chart tests: render the chart offline with Helm's Go library
+(helm-python-sdk, no helm binary, no cluster) and list the metrics nsam declares."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "nsam"
-RULES = CHART / "rules" / "nsam-alerts.yaml"
-RULE_TESTS = CHART / "rules" / "tests" / "nsam-alerts.test.yaml"
-DASHBOARD = CHART / "dashboards" / "nsam.json"
-RELEASE, NAMESPACE = "demo", "llm"
-
-
-def load_tool(name: str):
-    """Import a script from helm/tools/ (not a package) by file name."""
-    path = REPO / "helm" / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"helm_tools_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from helm_support import CHART, NAMESPACE, RELEASE
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +35,6 @@ def render(chart):
         return cache[key]
 
     return _render
-
-
-def find(docs: list[dict], kind: str, name_suffix: str = "") -> list[dict]:
-    return [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
-
-
-def one(docs: list[dict], kind: str, name_suffix: str = "") -> dict:
-    found = find(docs, kind, name_suffix)
-    assert len(found) == 1, f"expected one {kind} *{name_suffix}, got {[d['metadata']['name'] for d in found]}"
-    return found[0]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from conftest import CHART, DASHBOARD, NAMESPACE, RULES, find, one
+from helm_support import CHART, DASHBOARD, NAMESPACE, RULES, find, one
 
 kv = pytest.importorskip("kubernetes_validate")
 helm = pytest.importorskip("helm_python")

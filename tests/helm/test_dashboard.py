@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import DASHBOARD, load_tool
+from helm_support import DASHBOARD, load_tool
 
 METRIC = re.compile(r"\bnsam_[a-z0-9_]+\b")
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import load_tool
+from helm_support import load_tool
 
 live = load_tool("live_stack")
 board = load_tool("build_dashboard")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import REPO
+from helm_support import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 

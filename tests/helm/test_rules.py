@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import RULE_TESTS, RULES
+from helm_support import RULE_TESTS, RULES
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")

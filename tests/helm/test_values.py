@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import CHART
+from helm_support import CHART
 
 helm = pytest.importorskip("helm_python")
 
