@@ -8,7 +8,8 @@ running `NsamModel.load("tiny")` (or the real default model, loaded once per tes
 
 from __future__ import annotations
 
-import itertools
+import os
+import random
 import socket
 import tempfile
 from dataclasses import replace
@@ -20,8 +21,6 @@ import redis
 from nsam.client import AsyncClient
 from nsam.server.app import NsamServer
 from nsam.server.settings import Settings
-
-_DBS = itertools.cycle(range(1, 16))
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -46,15 +45,31 @@ def redis_base():
     server._cleanup()
 
 
+CLAIM = "nsam-test:claim"
+
+
+def _empty(client: redis.Redis) -> None:
+    keys = [k for k in client.scan_iter(count=1000) if k != CLAIM.encode()]
+    if keys:
+        client.delete(*keys)
+
+
 @pytest.fixture
 def redis_db(redis_base):
-    """A flushed database: (url, sync client)."""
+    """A database of our own, emptied: (url, sync client). Databases 1-15 are claimed with a
+    marker key, so concurrent test runs against one Redis never share one."""
     url, factory = redis_base
-    db = next(_DBS)
-    client = factory(db)
-    client.flushdb()
+    for db in random.sample(range(1, 16), 15):
+        client = factory(db)
+        if client.set(CLAIM, str(os.getpid()), nx=True, ex=3600):
+            break
+        client.close()
+    else:
+        pytest.skip("every Redis database 1-15 is claimed by another test run")
+    _empty(client)
     yield url.format(db=db), client
-    client.flushdb()
+    _empty(client)
+    client.delete(CLAIM)
     client.close()
 
 
@@ -65,8 +80,9 @@ def settings(redis_db, tmp_path) -> Settings:
 
 
 @pytest.fixture
-async def start_server():
-    """Starts NsamServers on a free loopback port; stops the ones left at teardown."""
+async def start_server(redis_db):
+    """Starts NsamServers on a free loopback port; stops the ones left at teardown (before
+    the test database is flushed)."""
     running: list[NsamServer] = []
 
     async def start(settings: Settings, model=None, **changes) -> NsamServer:

@@ -75,3 +75,45 @@ def test_nsam_serve_process(tmp_path):
         out, _ = server.communicate(timeout=60)
     assert server.returncode == 0, out
     assert "draining" in out
+
+
+def test_nsam_consolidate_process(redis_db, tmp_path):
+    """An external worker process consumes jobs a server with --consolidation external queued."""
+    import asyncio
+
+    from nsam.client import AsyncClient, Sampling
+    from nsam.server.app import NsamServer
+
+    url, r = redis_db
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "nsam.server.cli", "consolidate", "--redis-url", url,
+         "--model", "tiny", "--metrics-port", "0", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    async def scenario() -> int:
+        server = await NsamServer.start(Settings(
+            port=0, metrics_port=0, redis_url=url, model="tiny", consolidation="external"))
+        try:
+            assert server.worker is None
+            async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+                s = await c.create_session("alice")
+                await c.send(s.session_id, "I live in Oslo.", Sampling(max_tokens=4))
+                _, enqueued = await c.end_session(s.session_id)
+                assert enqueued
+                for _ in range(1200):  # the worker process imports torch first
+                    version = (await c.memory("alice")).version
+                    if version:
+                        return version
+                    await asyncio.sleep(0.1)
+                return 0
+        finally:
+            await server.stop(1)
+
+    try:
+        version = asyncio.run(scenario())
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=60)
+    assert version == 1, out
+    assert worker.returncode == 0, out
+    assert "consolidation worker" in out
