@@ -62,15 +62,20 @@ class NsamServer:
         store = await StateStore.connect(settings.redis_url, settings.data_dir,
                                          session_ttl_s=settings.session_ttl_s,
                                          versions_kept=settings.user_versions_kept)
+        inprocess = settings.consolidation == "inprocess" and settings.learning
         try:
             if model is None:
                 model = await asyncio.to_thread(load_model, settings)
             thread = ModelThread(model, settings.max_batch, learning=settings.learning)
+            # The in-process worker gets its own copy of the model on its own thread, so a
+            # consolidation (minutes on CPU with the real model) never stalls decoding.
+            work_thread = (ModelThread(await asyncio.to_thread(load_model, settings), 1,
+                                       generate=False) if inprocess else thread)
         except BaseException:
             await store.close()
             raise
         levels = LevelBook()
-        consolidator = Consolidator(store, thread, levels)
+        consolidator = Consolidator(store, work_thread, levels)
         engine = Engine(settings, store, thread, levels, consolidator)
 
         server = grpc.aio.server(interceptors=[StatusInterceptor()], options=grpc_options(settings))
@@ -94,7 +99,7 @@ class NsamServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         self = cls(settings, port, store, thread, engine, server, health_servicer)
-        if settings.consolidation == "inprocess" and settings.learning:
+        if inprocess:
             self.worker = ConsolidationWorker(store, consolidator, settings.consumer_name,
                                               settings.claim_idle_ms)
             self.worker_task = asyncio.create_task(self.worker.run(), name="nsam-consolidation")
@@ -110,6 +115,8 @@ class NsamServer:
         if self.worker is not None:
             await self.worker.shutdown(self.worker_task, grace + 5)
         await asyncio.to_thread(self.thread.stop)
+        if self.engine.consolidator.thread is not self.thread:
+            await asyncio.to_thread(self.engine.consolidator.thread.stop)
         await self.store.close()
 
 

@@ -337,6 +337,7 @@ class Engine:
         token = await self.store.acquire_lease(session_id, self.settings.lease_ms,
                                                self.settings.lease_wait_s)
         metrics.active_sessions.inc()
+        keeper = asyncio.create_task(self._keep_lease(session_id, token))
         try:
             session = await self.store.get_session(session_id, with_state=True)
             if session.ended:
@@ -381,6 +382,7 @@ class Engine:
             if learned and every and (session.turns + 1) % every == 0:
                 await self.store.enqueue_consolidation(session, version)
         finally:
+            keeper.cancel()
             metrics.active_sessions.dec()
             await asyncio.shield(self._release(session_id, token))
 
@@ -397,6 +399,20 @@ class Engine:
         state, reports = await self.thread.call(self.model.update_medium, end.state, turn)
         self.levels.record(reports)
         return state, True
+
+    async def _keep_lease(self, session_id: str, token: str) -> None:
+        """Renews the turn lease while the turn runs, so a long turn keeps its session while a
+        crashed server's lease still expires soon. A lost lease is only logged: the commit's
+        compare-and-set then refuses a stale write."""
+        ttl = self.settings.lease_ms
+        while True:
+            await asyncio.sleep(ttl / 3000)
+            try:
+                if not await self.store.renew_lease(session_id, token, ttl):
+                    log.warning("turn lease of %s was lost", session_id)
+                    return
+            except Unavailable:
+                pass
 
     async def _release(self, session_id: str, token: str) -> None:
         try:

@@ -54,7 +54,7 @@ class Settings:
     learning: bool = True                 # off: no fast/medium writes, no consolidation jobs
     session_ttl_s: int = 7 * 24 * 3600
     user_versions_kept: int = 5
-    lease_ms: int = 120_000               # a turn holds its session this long at most
+    lease_ms: int = 30_000                # turn lease; renewed every third of it while the turn runs
     lease_wait_s: float = 30.0            # a second turn on a busy session waits this long
     consolidate_every_turns: int = 0      # 0 = consolidate at session end only
     claim_idle_ms: int = 60_000           # reclaim jobs of a worker silent this long

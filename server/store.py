@@ -144,6 +144,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: lease. ARGV: token, ttl_ms.
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 # KEYS: level, versions, session ("" = none). ARGV: expected, state, now_ms, source, keep,
 # session version, version-key prefix. Version keys share the hash tag of KEYS[1].
 _COMMIT_LEVEL = """
@@ -206,6 +212,7 @@ class StateStore:
         self.versions_kept = versions_kept
         self._commit_turn = client.register_script(_COMMIT_TURN)
         self._release = client.register_script(_RELEASE_LEASE)
+        self._renew = client.register_script(_RENEW_LEASE)
         self._commit_level = client.register_script(_COMMIT_LEVEL)
         self._end = client.register_script(_END_SESSION)
 
@@ -369,6 +376,12 @@ class StateStore:
         user = split_session_id(session_id)
         async with self._op("release_lease"):
             await self._release(keys=[_lease_key(user, session_id)], args=[token])
+
+    async def renew_lease(self, session_id: str, token: str, ttl_ms: int) -> bool:
+        """Extends the lease if `token` still holds it; False when it was lost."""
+        user = split_session_id(session_id)
+        async with self._op("renew_lease"):
+            return bool(await self._renew(keys=[_lease_key(user, session_id)], args=[token, ttl_ms]))
 
     # ------------------------------------------------------------------- user levels
 

@@ -146,3 +146,16 @@ async def test_graceful_shutdown_drains_turns(start_server, settings):
     # committed: a new server on the same store sees it
     server2 = await start_server(settings)
     assert (await server2.store.get_session(s.session_id)).version == 1
+
+
+async def test_a_long_turn_keeps_its_lease(start_server, settings):
+    """The lease is renewed while a turn runs: a second turn waits instead of stealing it."""
+    from nsam.client import AsyncClient
+    server = await start_server(settings, lease_ms=150)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        s = await c.create_session("alice")
+        slow = asyncio.create_task(c.send(s.session_id, "long", Sampling(max_tokens=400)))
+        await asyncio.sleep(0.3)
+        quick = await c.send(s.session_id, "short", Sampling(max_tokens=2))
+        long = await slow
+    assert (long.session_version, quick.session_version) == (1, 2)

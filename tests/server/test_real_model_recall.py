@@ -13,7 +13,8 @@ VALUE = "Biscuit"
 
 
 async def test_fact_is_recalled_in_a_new_session_after_consolidation(start_server, settings, real_model):
-    server = await start_server(settings, model=real_model, max_batch=2)
+    # consolidation "external": ConsolidateNow then runs on this model (no second copy loaded)
+    server = await start_server(settings, model=real_model, max_batch=2, consolidation="external")
     async with AsyncClient(f"127.0.0.1:{server.port}") as c:
         # before: neither user's model knows the value
         bob_before = await c.send((await c.create_session("bob")).session_id, QUESTION, GREEDY)
