@@ -48,7 +48,7 @@ class NsamServer:
     settings: Settings
     port: int
     store: StateStore
-    thread: ModelThread
+    threads: list[ModelThread]            # decode, then learn and consolidate when learning
     engine: Engine
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
@@ -63,20 +63,29 @@ class NsamServer:
                                          session_ttl_s=settings.session_ttl_s,
                                          versions_kept=settings.user_versions_kept)
         inprocess = settings.consolidation == "inprocess" and settings.learning
+        threads: list[ModelThread] = []
         try:
             if model is None:
                 model = await asyncio.to_thread(load_model, settings)
-            thread = ModelThread(model, settings.max_batch, learning=settings.learning)
-            # The in-process worker gets its own copy of the model on its own thread, so a
-            # consolidation (minutes on CPU with the real model) never stalls decoding.
-            work_thread = (ModelThread(await asyncio.to_thread(load_model, settings), 1,
-                                       generate=False) if inprocess else thread)
+            threads.append(ModelThread(model, settings.max_batch, learning=settings.learning,
+                                       name="nsam-decode"))
+            # Learning runs on copies of the model on threads of their own: a medium update
+            # (seconds on CPU with the real model) or a consolidation (minutes) never stalls
+            # decoding, and a consolidation never delays a turn's medium update.
+            if settings.learning:
+                threads.append(ModelThread(await asyncio.to_thread(load_model, settings),
+                                           generate=False, name="nsam-learn"))
+            if inprocess:
+                threads.append(ModelThread(await asyncio.to_thread(load_model, settings),
+                                           generate=False, name="nsam-consolidate"))
         except BaseException:
+            for t in threads:
+                t.stop()
             await store.close()
             raise
         levels = LevelBook()
-        consolidator = Consolidator(store, work_thread, levels)
-        engine = Engine(settings, store, thread, levels, consolidator)
+        consolidator = Consolidator(store, threads[-1], levels)
+        engine = Engine(settings, store, threads[0], levels, consolidator, learner=threads[min(1, len(threads) - 1)])
 
         server = grpc.aio.server(interceptors=[StatusInterceptor()], options=grpc_options(settings))
         pb_grpc.add_ChatServiceServicer_to_server(ChatService(engine, keys), server)
@@ -98,7 +107,7 @@ class NsamServer:
         for name in ["", *SERVICES]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-        self = cls(settings, port, store, thread, engine, server, health_servicer)
+        self = cls(settings, port, store, threads, engine, server, health_servicer)
         if inprocess:
             self.worker = ConsolidationWorker(store, consolidator, settings.consumer_name,
                                               settings.claim_idle_ms)
@@ -114,9 +123,8 @@ class NsamServer:
         await self.grpc_server.stop(grace)  # refuses new RPCs, lets turns in flight finish
         if self.worker is not None:
             await self.worker.shutdown(self.worker_task, grace + 5)
-        await asyncio.to_thread(self.thread.stop)
-        if self.engine.consolidator.thread is not self.thread:
-            await asyncio.to_thread(self.engine.consolidator.thread.stop)
+        for thread in self.threads:
+            await asyncio.to_thread(thread.stop)
         await self.store.close()
 
 

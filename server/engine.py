@@ -103,7 +103,8 @@ class _Turn:
 class ModelThread:
     """One thread owning the model: continuous-batch decoding plus queued model calls."""
 
-    def __init__(self, model: Any, max_batch: int, *, learning: bool = True, generate: bool = True):
+    def __init__(self, model: Any, max_batch: int = 1, *, learning: bool = True,
+                 generate: bool = True, name: str = "nsam-model"):
         self.model = model
         self.max_batch = max_batch
         self.learning = learning
@@ -114,7 +115,7 @@ class ModelThread:
         self._calls: deque[tuple[Callable, tuple, concurrent.futures.Future]] = deque()
         self._stopped = threading.Event()
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="nsam-model", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     # ---- asyncio side
@@ -280,11 +281,12 @@ class Engine:
     """Sessions, turns and user memory over the store and the model thread."""
 
     def __init__(self, settings: Settings, store: StateStore, thread: ModelThread,
-                 levels: LevelBook, consolidator: Any):
+                 levels: LevelBook, consolidator: Any, learner: ModelThread | None = None):
         self.settings = settings
         self.limits: Limits = settings.limits
         self.store = store
         self.thread = thread
+        self.learner = learner or thread  # runs the medium updates
         self.model = thread.model
         self.levels = levels
         self.consolidator = consolidator
@@ -396,7 +398,7 @@ class Engine:
         system = [m for m in session.transcript[:1] if m["role"] == "system"]
         turn = system + [{"role": "user", "content": message},
                          {"role": "assistant", "content": reply}]
-        state, reports = await self.thread.call(self.model.update_medium, end.state, turn)
+        state, reports = await self.learner.call(self.learner.model.update_medium, end.state, turn)
         self.levels.record(reports)
         return state, True
 

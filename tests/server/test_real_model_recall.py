@@ -1,6 +1,8 @@
 """With the real default model: a fact taught in one session is recalled in a new session of
 the same user after consolidation, and another user's answers do not change."""
 
+from dataclasses import replace
+
 import pytest
 
 from nsam.client import AsyncClient, Sampling
@@ -13,8 +15,9 @@ VALUE = "Biscuit"
 
 
 async def test_fact_is_recalled_in_a_new_session_after_consolidation(start_server, settings, real_model):
-    # consolidation "external": ConsolidateNow then runs on this model (no second copy loaded)
-    server = await start_server(settings, model=real_model, max_batch=2, consolidation="external")
+    # consolidation "external": ConsolidateNow runs on the learner's copy (no third copy)
+    server = await start_server(replace(settings, model="default"), model=real_model,
+                                max_batch=2, consolidation="external")
     async with AsyncClient(f"127.0.0.1:{server.port}") as c:
         # before: neither user's model knows the value
         bob_before = await c.send((await c.create_session("bob")).session_id, QUESTION, GREEDY)
