@@ -150,28 +150,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: level, versions, session ("" = none). ARGV: expected, state, now_ms, source, keep,
-# session version, version-key prefix. Version keys share the hash tag of KEYS[1].
+# KEYS: level, versions, session (or level when none), the new version's key, the key of the
+# version that falls out of the kept window (or level when none). ARGV: expected, state,
+# now_ms, source, version to drop ("0" = none), session version ("" = none). Versions are
+# contiguous (each commit is current + 1), so exactly one falls out per commit.
 _COMMIT_LEVEL = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if cur ~= tonumber(ARGV[1]) then return -1 end
 if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[3]) == 0 then return -2 end
 local new = cur + 1
 redis.call('HSET', KEYS[1], 'version', new)
-redis.call('HSET', ARGV[7] .. new, 'state', ARGV[2], 'created_ms', ARGV[3], 'source', ARGV[4])
+redis.call('HSET', KEYS[4], 'state', ARGV[2], 'created_ms', ARGV[3], 'source', ARGV[4])
 redis.call('ZADD', KEYS[2], new, new)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'consolidated_version', ARGV[6]) end
-local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
-if extra > 0 then
-  for _, v in ipairs(redis.call('ZRANGE', KEYS[2], 0, extra - 1)) do
-    redis.call('DEL', ARGV[7] .. v)
-  end
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+if ARGV[5] ~= '0' then
+  redis.call('DEL', KEYS[5])
+  redis.call('ZREM', KEYS[2], ARGV[5])
 end
 return new
 """
 
-# KEYS: session, sessions set. ARGV: now_ms, ttl_ms.
+# KEYS: session. ARGV: now_ms, ttl_ms.
 _END_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'ended', 1, 'updated_ms', ARGV[1])
@@ -421,12 +420,16 @@ class StateStore:
         """Makes `state` the user's new level if it is still at expected_version (and, for a
         consolidation, the session still exists); returns the new version."""
         p = _user_prefix(user)
-        session_key = _session_key(user, session.session_id) if session else f"{p}:level"
+        level = f"{p}:level"
+        new_version = expected_version + 1
+        drop = new_version - self.versions_kept
         async with self._op("commit_level"):
             new = await self._commit_level(
-                keys=[f"{p}:level", f"{p}:level:versions", session_key],
-                args=[expected_version, state, _now_ms(), source, self.versions_kept,
-                      session.version if session else "", f"{p}:level:"])
+                keys=[level, f"{p}:level:versions",
+                      _session_key(user, session.session_id) if session else level,
+                      f"{p}:level:{new_version}", f"{p}:level:{drop}" if drop > 0 else level],
+                args=[expected_version, state, _now_ms(), source, max(drop, 0),
+                      session.version if session else ""])
         if new == -2:
             raise NotFound("the session was forgotten or expired before its consolidation")
         if new < 0:
