@@ -8,6 +8,7 @@ without internals.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -132,6 +133,9 @@ def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str):
             async for item in fn(request, context):
                 yield item
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:  # the client went away mid-stream
+            metrics.requests_total.labels(method, grpc.StatusCode.CANCELLED.name).inc()
             raise
         except Exception as exc:  # noqa: BLE001 - the mapping point
             await _abort(context, exc, method)
