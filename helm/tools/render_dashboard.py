@@ -2,8 +2,9 @@
 
     python helm/tools/render_dashboard.py [--clients 3] [--sessions 6] [--out docs/dashboard.png]
 
-Starts the same stack as tests/helm/test_dashboard_live.py (nsam serve --model tiny scraped
-every second by a real Prometheus), runs a concurrent chat workload, then plots each panel's
+Starts the same stack as tests/helm/test_dashboard_live.py (a Redis, nsam serve --model tiny and
+an nsam consolidate worker, scraped every second by a real Prometheus), runs a concurrent chat
+workload, then plots each panel's
 own PromQL (from build_dashboard.PANELS) over the run with matplotlib. Needs `prometheus` on
 PATH and matplotlib; takes about a minute.
 """
@@ -96,7 +97,8 @@ def plot(prom: live.Prometheus, start: float, end: float, out: Path) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle("nsam — serving, memory health, state store, consolidation "
-                 "(live: nsam serve --model tiny, Prometheus 1 s scrape)", color="#eee", fontsize=12)
+                 "(live: nsam serve --model tiny + nsam consolidate, Prometheus 1 s scrape)",
+                 color="#eee", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90, facecolor=fig.get_facecolor())
@@ -108,9 +110,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=3, help="concurrent chat clients")
     parser.add_argument("--sessions", type=int, default=6, help="sessions per client")
     parser.add_argument("--model", default="tiny", help="model for nsam serve")
+    parser.add_argument("--consolidation", choices=("external", "inprocess"), default="external",
+                        help="a separate worker (the chart's default) or inside the server")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "dashboard.png")
     args = parser.parse_args()
-    with live.stack(args.model) as (server, prom):
+    with live.stack(args.model, consolidation=args.consolidation) as (server, prom):
         start = time.time()
         drive(server.grpc_target, args.clients, args.sessions)
         time.sleep(8)  # let the last consolidations finish and the rates settle
