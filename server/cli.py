@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 
+from nsam.server.errors import ServiceError
 from nsam.server.settings import Settings, add_serve_flags, add_worker_flags, settings_from_args
 
 log = logging.getLogger("nsam")
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
+    except (ServiceError, OSError, RuntimeError) as exc:  # store unreachable, port taken, ...
+        print(f"nsam {args.command}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -229,8 +229,11 @@ class StateStore:
             client = aioredis.Redis(unix_socket_path=embedded.socket_path, **options)
         store = cls(client, embedded=embedded, session_ttl_s=session_ttl_s,
                     versions_kept=versions_kept)
-        async with store._op("ping"):
-            await client.ping()
+        try:
+            await store.ping()
+        except Unavailable as exc:
+            await store.close()
+            raise Unavailable(f"cannot reach the state store at {store.location}: {exc.__cause__}") from exc
         return store
 
     @property
