@@ -159,3 +159,15 @@ async def test_a_long_turn_keeps_its_lease(start_server, settings):
         quick = await c.send(s.session_id, "short", Sampling(max_tokens=2))
         long = await slow
     assert (long.session_version, quick.session_version) == (1, 2)
+
+
+async def test_idle_sessions_expire(start_server, settings):
+    from nsam.client import AsyncClient
+    server = await start_server(settings, session_ttl_s=1)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        s = await c.create_session("alice")
+        await asyncio.sleep(1.3)
+        with pytest.raises(NsamError) as err:
+            await c.get_session(s.session_id)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert (await c.memory("alice")).levels[1:] == ()  # dropped from the index too
