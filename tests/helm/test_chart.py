@@ -276,4 +276,8 @@ def test_chart_test_pod_checks_grpc_health(render):
     pod = one(render({}), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     script = pod["spec"]["containers"][0]["args"][0]
-    assert "HealthStub" in script and '"demo-nsam-server:50051"' in script
+    assert "HealthStub" in script and 'host, port = "demo-nsam-server", 50051' in script
+    compile(script, "test-grpc-health", "exec")
+    tls_script = one(render(EVERYTHING_ON), "Pod")["spec"]["containers"][0]["args"][0]
+    assert "set_alpn_protocols" in tls_script and "HealthStub" not in tls_script
+    compile(tls_script, "test-grpc-health", "exec")

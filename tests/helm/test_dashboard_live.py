@@ -83,3 +83,19 @@ def test_alert_rules_evaluate_cleanly_on_live_data(scraped):
         assert rule["state"] != "firing", rule["name"]
         if rule["name"] in {"NsamHighErrorRatio", "NsamStoreErrors", "NsamLevelNonFiniteUpdates"}:
             assert rule["state"] == "inactive", (rule["name"], rule.get("alerts"))
+
+
+def test_chart_test_pod_script_passes_against_the_live_server(scraped, render):
+    """The `helm test` pod's script, pointed at the live server instead of the Service."""
+    import subprocess
+    import sys
+
+    from helm_support import one
+
+    server, _, _ = scraped
+    script = one(render({}), "Pod")["spec"]["containers"][0]["args"][0]
+    host, port = server.grpc_target.split(":")
+    script = script.replace('host, port = "demo-nsam-server", 50051', f'host, port = "{host}", {port}')
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SERVING" in done.stdout
