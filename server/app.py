@@ -63,21 +63,19 @@ class NsamServer:
                                          session_ttl_s=settings.session_ttl_s,
                                          versions_kept=settings.user_versions_kept)
         inprocess = settings.consolidation == "inprocess" and settings.learning
+        # Learning runs on copies of the model on threads of their own: a medium update
+        # (seconds on CPU with the real model) or a consolidation (minutes) never stalls
+        # decoding, and a consolidation never delays a turn's medium update.
+        names = ["nsam-decode"] + (["nsam-learn"] if settings.learning else []) \
+            + (["nsam-consolidate"] if inprocess else [])
         threads: list[ModelThread] = []
         try:
-            if model is None:
-                model = await asyncio.to_thread(load_model, settings)
-            threads.append(ModelThread(model, settings.max_batch, learning=settings.learning,
-                                       name="nsam-decode"))
-            # Learning runs on copies of the model on threads of their own: a medium update
-            # (seconds on CPU with the real model) or a consolidation (minutes) never stalls
-            # decoding, and a consolidation never delays a turn's medium update.
-            if settings.learning:
-                threads.append(ModelThread(await asyncio.to_thread(load_model, settings),
-                                           generate=False, name="nsam-learn"))
-            if inprocess:
-                threads.append(ModelThread(await asyncio.to_thread(load_model, settings),
-                                           generate=False, name="nsam-consolidate"))
+            for name in names:
+                # one load at a time: loading seeds torch's global generator
+                m = model if name == "nsam-decode" and model is not None \
+                    else await asyncio.to_thread(load_model, settings)
+                threads.append(ModelThread(m, settings.max_batch, learning=settings.learning,
+                                           generate=name == "nsam-decode", name=name))
         except BaseException:
             for t in threads:
                 t.stop()
@@ -85,7 +83,8 @@ class NsamServer:
             raise
         levels = LevelBook()
         consolidator = Consolidator(store, threads[-1], levels)
-        engine = Engine(settings, store, threads[0], levels, consolidator, learner=threads[min(1, len(threads) - 1)])
+        engine = Engine(settings, store, threads[0], levels, consolidator,
+                        learner=threads[1] if settings.learning else None)
 
         server = grpc.aio.server(interceptors=[StatusInterceptor()], options=grpc_options(settings))
         pb_grpc.add_ChatServiceServicer_to_server(ChatService(engine, keys), server)
