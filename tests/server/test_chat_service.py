@@ -150,14 +150,20 @@ async def test_graceful_shutdown_drains_turns(start_server, settings):
 
 async def test_a_long_turn_keeps_its_lease(start_server, settings):
     """The lease is renewed while a turn runs: a second turn waits instead of stealing it."""
+    import time
+
     from nsam.client import AsyncClient
-    server = await start_server(settings, lease_ms=150)
+    server = await start_server(settings, lease_ms=600)
     async with AsyncClient(f"127.0.0.1:{server.port}") as c:
         s = await c.create_session("alice")
-        slow = asyncio.create_task(c.send(s.session_id, "long", Sampling(max_tokens=400)))
-        await asyncio.sleep(0.3)
+        stream = c.chat(s.session_id, "long", Sampling(max_tokens=50))
+        assert isinstance(await stream.__anext__(), Token)  # the turn is decoding now
+        # hold the decode thread for 2 s: the turn outlives its 0.6 s lease several times
+        stall = asyncio.ensure_future(server.threads[0].call(time.sleep, 2.0))
+        await asyncio.sleep(1.0)
         quick = await c.send(s.session_id, "short", Sampling(max_tokens=2))
-        long = await slow
+        long = [item async for item in stream][-1]
+        await stall
     assert (long.session_version, quick.session_version) == (1, 2)
 
 
