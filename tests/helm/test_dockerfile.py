@@ -61,3 +61,34 @@ def test_build_context_is_allowlisted():
     copied = {m.rstrip("/") for m in re.findall(r"^COPY (?!--)(\S+)", DOCKERFILE, re.M)}
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert {c.rstrip("*") for c in copied} <= allowed
+
+
+def test_build_context_makes_a_working_package(tmp_path):
+    """What .dockerignore lets through is enough for `pip install .` to give a working nsam
+    (the image build's step, minus torch and the model, which come from their own layers)."""
+    import shutil
+    import subprocess
+    import sys
+
+    context = tmp_path / "context"
+    context.mkdir()
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    for entry in (line[1:].rstrip("/") for line in ignore if line.startswith("!")):
+        src = REPO / entry
+        if src.is_dir():
+            shutil.copytree(src, context / entry, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, context / entry)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", str(context), "-w", str(tmp_path / "wheel")],
+                   check=True, capture_output=True, timeout=120)
+    wheel, = (tmp_path / "wheel").glob("nsam-*.whl")
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True, timeout=120)
+    probe = ("import nsam.server.cli, nsam.server.app, nsam.client, nsam.protos.nsam_pb2; "
+             "from nsam.model.runtime import NsamModel; NsamModel.load('tiny'); "
+             "print(nsam.server.cli.__file__)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(str(tmp_path / "site"))
