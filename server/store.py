@@ -170,6 +170,30 @@ end
 return new
 """
 
+# KEYS: session, the user's session index. ARGV: ttl_ms, session id, field, value, ...
+_CREATE_SESSION = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: session. ARGV: "1" to include the state, then the meta field names.
+# One script, so the meta and the state returned are of the same version.
+_LOAD_SESSION = """
+local meta = redis.call('HMGET', KEYS[1], unpack(ARGV, 2))
+local size = redis.call('HSTRLEN', KEYS[1], 'state')
+local state = false
+if ARGV[1] == '1' then state = redis.call('HGET', KEYS[1], 'state') end
+return {meta, size, state}
+"""
+
+# KEYS: stream. ARGV: group, job id.
+_ACK_JOB = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+
 # KEYS: session. ARGV: now_ms, ttl_ms.
 _END_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -214,21 +238,28 @@ class StateStore:
         self._renew = client.register_script(_RENEW_LEASE)
         self._commit_level = client.register_script(_COMMIT_LEVEL)
         self._end = client.register_script(_END_SESSION)
+        self._create = client.register_script(_CREATE_SESSION)
+        self._load = client.register_script(_LOAD_SESSION)
+        self._ack = client.register_script(_ACK_JOB)
 
     @classmethod
     async def connect(cls, redis_url: str | None, data_dir: Path, *,
                       session_ttl_s: int = 7 * 24 * 3600, versions_kept: int = 5) -> "StateStore":
-        """Connects to `redis_url`, or starts the embedded Redis under data_dir when None."""
-        options = dict(socket_timeout=10, socket_connect_timeout=3, decode_responses=False,
-                       health_check_interval=30)
+        """Connects to `redis_url` (`redis+cluster://host:port` for a Redis Cluster), or starts
+        the embedded Redis under data_dir when None."""
+        options = dict(socket_timeout=10, socket_connect_timeout=3, decode_responses=False)
         embedded = None
-        if redis_url:
-            client = aioredis.Redis.from_url(redis_url, **options)
+        if redis_url and "+cluster://" in redis_url:
+            from redis.asyncio.cluster import RedisCluster
+            client = RedisCluster.from_url(redis_url.replace("+cluster://", "://", 1), **options)
+        elif redis_url:
+            client = aioredis.Redis.from_url(redis_url, health_check_interval=30, **options)
         else:
             embedded = await asyncio.to_thread(EmbeddedRedis, data_dir)
             client = aioredis.Redis(unix_socket_path=embedded.socket_path, **options)
         store = cls(client, embedded=embedded, session_ttl_s=session_ttl_s,
                     versions_kept=versions_kept)
+        store._url = redis_url
         try:
             await store.ping()
         except Unavailable as exc:
@@ -240,8 +271,8 @@ class StateStore:
     def location(self) -> str:
         if self._embedded is not None:
             return f"embedded Redis in {self._embedded.data_dir}"
-        kw = self._r.connection_pool.connection_kwargs
-        return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+        url = getattr(self, "_url", None) or "redis"
+        return re.sub(r"//[^@/]*@", "//***@", url)  # never print a password
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -273,13 +304,10 @@ class StateStore:
         fields = {"user": user, "version": 0, "user_version": user_version, "turns": 0,
                   "ended": 0, "created_ms": now, "updated_ms": now, "consolidated_version": 0,
                   "state": state, "transcript": json.dumps(transcript)}
-        key = _session_key(user, sid)
+        pairs = [x for item in fields.items() for x in item]
         async with self._op("create_session"):
-            async with self._r.pipeline(transaction=True) as p:
-                p.hset(key, mapping=fields)
-                p.pexpire(key, self.session_ttl_ms)
-                p.sadd(f"{_user_prefix(user)}:sessions", sid)
-                await p.execute()
+            await self._create(keys=[_session_key(user, sid), f"{_user_prefix(user)}:sessions"],
+                               args=[self.session_ttl_ms, sid, *pairs])
         metrics.state_bytes.labels("session").observe(len(state))
         return self._session_record(sid, fields, with_state=False)
 
@@ -290,13 +318,9 @@ class StateStore:
                  "updated_ms", "consolidated_version", "transcript"]
         key = _session_key(user, session_id)
         async with self._op("load_session"):
-            async with self._r.pipeline(transaction=True) as p:
-                p.hmget(key, names)
-                p.hstrlen(key, "state")
-                if with_state:
-                    p.hget(key, "state")
-                values, size, *state = await p.execute()
-        state = state[0] if state else None
+            values, size, state = await self._load(keys=[key],
+                                                   args=["1" if with_state else "0", *names])
+        state = state or None
         if values[0] is None:
             raise NotFound(f"session {session_id} not found (unknown, expired or forgotten)")
         fields = dict(zip(names, values))
@@ -520,19 +544,14 @@ class StateStore:
 
     async def ack_job(self, job: Job) -> None:
         async with self._op("queue"):
-            async with self._r.pipeline(transaction=True) as p:
-                p.xack(STREAM, GROUP, job.job_id)
-                p.xdel(STREAM, job.job_id)
-                await p.execute()
+            await self._ack(keys=[STREAM], args=[GROUP, job.job_id])
 
     async def record_outcome(self, outcome: str, probe_loss: float | None = None,
                              baseline: float | None = None) -> None:
         async with self._op("queue"):
-            async with self._r.pipeline(transaction=False) as p:
-                p.hincrby(OUTCOMES, f"jobs:{outcome}", 1)
-                if probe_loss is not None:
-                    p.hset(OUTCOMES, mapping={"probe_loss": probe_loss, "baseline": baseline})
-                await p.execute()
+            await self._r.hincrby(OUTCOMES, f"jobs:{outcome}", 1)
+            if probe_loss is not None:
+                await self._r.hset(OUTCOMES, mapping={"probe_loss": probe_loss, "baseline": baseline})
 
     async def queue_stats(self) -> QueueStats:
         async with self._op("queue"):
