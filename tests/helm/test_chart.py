@@ -3,6 +3,7 @@ object; the pieces that must agree (selectors, labels, ports, embedded files) do
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -90,6 +91,7 @@ def test_defaults_render_the_small_install(render):
         ("Deployment", "demo-nsam-server"), ("Service", "demo-nsam-server"),
         ("Deployment", "demo-nsam-worker"), ("Service", "demo-nsam-worker"),
         ("StatefulSet", "demo-nsam-redis"), ("Service", "demo-nsam-redis"),
+        ("Secret", "demo-nsam-redis-auth"),
         ("NetworkPolicy", "demo-nsam-redis"), ("Pod", "demo-nsam-test-grpc-health"),
     ])
 
@@ -153,21 +155,53 @@ def test_consolidation_mode_follows_worker_switch(render):
     assert not find(render({"worker": {"enabled": False}}), "Deployment", "-worker")
 
 
+def env_of(deploy) -> dict:
+    return {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
 def test_redis_url_sources(render):
-    cm = one(render({}), "ConfigMap", "-nsam")
-    assert cm["data"]["NSAM_REDIS_URL"] == "redis://demo-nsam-redis:6379/0"
+    # In-chart Redis with its password: the URL is assembled from the Secret in the pod.
+    docs = render({})
+    password = one(docs, "Secret", "-redis-auth")["data"]["redis-password"]
+    assert len(base64.b64decode(password)) == 32
+    for deploy in find(docs, "Deployment"):
+        env = env_of(deploy)
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "demo-nsam-redis-auth", "key": "redis-password"}
+        assert env["NSAM_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@demo-nsam-redis:6379/0"
+        names = list(env)
+        assert names.index("REDIS_PASSWORD") < names.index("NSAM_REDIS_URL")  # $(VAR) needs order
+    assert "NSAM_REDIS_URL" not in one(docs, "ConfigMap", "-nsam")["data"]
+
+    docs = render({"redis": {"auth": {"enabled": False}}})
+    assert not find(docs, "Secret", "-redis-auth")
+    assert env_of(one(docs, "Deployment", "-server"))["NSAM_REDIS_URL"]["value"] == "redis://demo-nsam-redis:6379/0"
+
+    docs = render({"redis": {"auth": {"existingSecret": "ops-redis", "existingSecretKey": "pw"}}})
+    assert not find(docs, "Secret", "-redis-auth")
+    assert env_of(one(docs, "Deployment", "-worker"))["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ops-redis", "key": "pw"}
 
     docs = render(SCENARIOS["external-redis-url"])
-    assert not find(docs, "StatefulSet") and not find(docs, "NetworkPolicy")
+    assert not find(docs, "StatefulSet") and not find(docs, "NetworkPolicy") and not find(docs, "Secret", "-redis-auth")
     secret = one(docs, "Secret", "-redis-url")
     assert secret["stringData"]["redis-url"] == "redis://:pw@redis-master:6379/2"
-    assert "NSAM_REDIS_URL" not in one(docs, "ConfigMap", "-nsam")["data"]
 
     docs = render(SCENARIOS["external-redis-secret"])
     assert not find(docs, "Secret", "-redis-url")
     for deploy in find(docs, "Deployment"):
-        env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert env["NSAM_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "url"}
+        assert env_of(deploy)["NSAM_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "url"}
+
+
+def test_redis_requires_the_password(render):
+    container = one(render({}), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDISCLI_AUTH"]["value"] == "$(REDIS_PASSWORD)"  # for the redis-cli probes
+    container = one(render({"redis": {"auth": {"enabled": False}}}), "StatefulSet")["spec"]["template"]["spec"][
+        "containers"][0]
+    assert "--requirepass" not in container["args"] and "env" not in container
 
 
 def test_redis_persists_with_aof(render):

@@ -13,12 +13,19 @@ from helm_support import one
 cli = pytest.importorskip("nsam.server.cli")
 
 
+def expand(text: str, env: dict) -> str:
+    """The kubelet's $(VAR) expansion."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], text)
+
+
 def container_argv(docs, suffix, tmp_path):
     cm = one(docs, "ConfigMap", "-nsam")["data"]
     container = one(docs, "Deployment", suffix)["spec"]["template"]["spec"]["containers"][0]
     env = dict(cm)
-    env.update({e["name"]: e.get("value", "redis://from-secret:6379/0") for e in container.get("env", [])})
-    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+    secrets = {"NSAM_REDIS_URL": "redis://from-secret:6379/0", "REDIS_PASSWORD": "pw"}
+    for e in container.get("env", []):  # in order: a value may refer to an earlier variable
+        env[e["name"]] = expand(e["value"], env) if "value" in e else secrets[e["name"]]
+    argv = [expand(a, env) for a in container["args"]]
     # The API-keys Secret is mounted at /etc/nsam/api-keys; settings check the file exists.
     (tmp_path / "api-keys").write_text("key-alice-0001 user:alice\n")
     return [a.replace("/etc/nsam/api-keys/", f"{tmp_path}/") for a in argv]
@@ -44,7 +51,7 @@ def test_server_args_parse(render, monkeypatch, tmp_path):
     assert (s.host, s.port, s.metrics_port) == ("0.0.0.0", 50051, 9464)
     assert (s.model, s.dtype, s.max_batch) == ("default", "bfloat16", 16)
     assert s.consolidation == "external" and s.learning and s.consolidate_every_turns == 4
-    assert s.redis_url == "redis://demo-nsam-redis:6379/0"
+    assert s.redis_url == "redis://:pw@demo-nsam-redis:6379/0"
     assert s.api_keys_file is not None and s.api_keys_file.name == "api-keys"
     assert str(s.data_dir) == "/data"
 
@@ -60,7 +67,7 @@ def test_server_args_parse_inprocess_external_redis(render, monkeypatch, tmp_pat
 def test_worker_args_parse(render, monkeypatch, tmp_path):
     s = run_cli(monkeypatch, container_argv(render({}), "-worker", tmp_path))
     assert s.metrics_port == 9464 and s.model == "default"
-    assert s.redis_url == "redis://demo-nsam-redis:6379/0"
+    assert s.redis_url == "redis://:pw@demo-nsam-redis:6379/0"
 
 
 @pytest.mark.xfail(reason="`nsam consolidate` has no --host flag and binds /metrics on 127.0.0.1, so "

@@ -71,3 +71,8 @@ app.kubernetes.io/part-of: nsam
 app.kubernetes.io/name: {{ include "nsam.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
+
+{{/* Name of the Secret holding the in-chart Redis password. */}}
+{{- define "nsam.redis.authSecretName" -}}
+{{- default (printf "%s-redis-auth" (include "nsam.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
