@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- level health
 
+def observe_finite(histogram: Any, value: float) -> None:
+    """Observes value unless it is NaN/inf, which would poison the histogram's sum forever."""
+    if math.isfinite(value):
+        histogram.observe(value)
+
+
 @dataclass
 class LevelHealth:
     updates: int = 0
@@ -57,7 +63,7 @@ class LevelBook:
         for r in reports:
             with self._lock:
                 h = self.levels.setdefault(r.level, LevelHealth())
-                metrics.level_update_duration_seconds.labels(r.level).observe(r.seconds)
+                observe_finite(metrics.level_update_duration_seconds.labels(r.level), r.seconds)
                 if math.isfinite(r.surprise):
                     metrics.level_surprise.labels(r.level).observe(r.surprise)
                     h.surprise_sum += r.surprise
@@ -68,9 +74,9 @@ class LevelBook:
                 h.updates += 1
                 h.update_norm_sum += r.update_norm
                 h.last_state_norm, h.last_drift = r.state_norm, r.drift
-                metrics.level_update_norm.labels(r.level).observe(r.update_norm)
-                metrics.level_state_norm.labels(r.level).observe(r.state_norm)
-                metrics.level_drift.labels(r.level).observe(r.drift)
+                observe_finite(metrics.level_update_norm.labels(r.level), r.update_norm)
+                observe_finite(metrics.level_state_norm.labels(r.level), r.state_norm)
+                observe_finite(metrics.level_drift.labels(r.level), r.drift)
 
 
 # --------------------------------------------------------------------------- model thread

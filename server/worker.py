@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 from nsam.server import metrics
-from nsam.server.engine import LevelBook, ModelThread
+from nsam.server.engine import LevelBook, ModelThread, observe_finite
 from nsam.server.errors import Conflict, NotFound, ServiceError
 from nsam.server.store import Job, StateStore
 
@@ -62,8 +63,9 @@ class Consolidator:
         metrics.consolidation_duration_seconds.observe(time.perf_counter() - start)
         if outcome.outcome != "conflict":
             metrics.consolidation_jobs_total.labels(outcome.outcome).inc()
-        await self.store.record_outcome(outcome.outcome, outcome.probe_loss or None,
-                                        outcome.baseline_probe_loss or None)
+        finite = outcome.probe_loss and math.isfinite(outcome.probe_loss)
+        await self.store.record_outcome(outcome.outcome, outcome.probe_loss if finite else None,
+                                        outcome.baseline_probe_loss if finite else None)
         return outcome
 
     async def _once(self, session_id: str) -> ConsolidationOutcome:
@@ -78,8 +80,9 @@ class Consolidator:
         expected = level.version if level else 0
         new_state, report = await self.thread.call(
             model.consolidate, user_state, session.state, session.transcript)
-        metrics.forgetting_probe_loss.observe(report.probe_loss)
-        metrics.forgetting_probe_baseline_loss.set(report.baseline_probe_loss)
+        observe_finite(metrics.forgetting_probe_loss, report.probe_loss)
+        if math.isfinite(report.baseline_probe_loss):
+            metrics.forgetting_probe_baseline_loss.set(report.baseline_probe_loss)
         common = dict(probe_loss=report.probe_loss, baseline_probe_loss=report.baseline_probe_loss,
                       update_norm=report.update_norm, drift=report.drift, seconds=report.seconds)
         if not report.accepted:
@@ -87,9 +90,9 @@ class Consolidator:
             return ConsolidationOutcome(session_id, "rejected", report.reason, expected, **common)
         version = await self.store.commit_user_level(
             session.user, expected, new_state, "consolidation", session)
-        metrics.level_update_norm.labels("user").observe(report.update_norm)
-        metrics.level_drift.labels("user").observe(report.drift)
-        metrics.level_update_duration_seconds.labels("user").observe(report.seconds)
+        observe_finite(metrics.level_update_norm.labels("user"), report.update_norm)
+        observe_finite(metrics.level_drift.labels("user"), report.drift)
+        observe_finite(metrics.level_update_duration_seconds.labels("user"), report.seconds)
         return ConsolidationOutcome(session_id, "accepted", report.reason, version, **common)
 
 
