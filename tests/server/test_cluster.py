@@ -2,6 +2,7 @@
 in one slot through the hash tag, scripts touching only declared keys."""
 
 import asyncio
+import random
 import shutil
 import socket
 import subprocess
@@ -14,13 +15,22 @@ from nsam.client import AsyncClient, Sampling
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """Ports whose cluster bus port (port + 10000) is free and valid too."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(20000, 30000)
+        if port not in ports and _free(port) and _free(port + 10000):
+            ports.append(port)
     return ports
 
 
@@ -50,7 +60,7 @@ def redis_cluster(tmp_path):
                                "--cluster-replicas", "0", "--cluster-yes"],
                               capture_output=True, text=True, timeout=60)
         if made.returncode != 0:
-            pytest.skip(f"could not create a cluster: {made.stdout[-300:]}")
+            pytest.skip(f"could not create a cluster: {(made.stdout + made.stderr)[-300:]}")
         for _ in range(100):
             info = subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"],
                                   capture_output=True, text=True).stdout
