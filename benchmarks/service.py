@@ -12,7 +12,8 @@ during the measurement, so consolidation does not run in it (it is a background 
 `benchmarks/learning.py` for its cost and effect).
 
 The server runs in this process on its own thread and event loop, so its store calls can be
-timed exactly; the model is loaded once and serves both modes.
+timed exactly; the model is loaded once and serves both modes. Passes alternate off/on
+(`--repeats`) and their samples are pooled, so a busy machine weighs on both modes alike.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class ServerThread:
 
 
 async def run_mode(target: str, args: argparse.Namespace, deadline: float) -> dict:
+    """Raw samples of one pass: TTFT and inter-token gaps, turns, wall seconds."""
     ttft: list[float] = []
     itl: list[float] = []
     turns = 0
@@ -126,13 +128,11 @@ async def run_mode(target: str, args: argparse.Namespace, deadline: float) -> di
         start = time.perf_counter()
         await asyncio.gather(*[one_session(i, s.session_id) for i, s in enumerate(sessions)])
         seconds = time.perf_counter() - start
-    return {"turns": turns, "seconds": seconds, "turns_per_s": turns / seconds,
-            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-            "inter_token_p50_s": percentile(itl, 0.5), "inter_token_p99_s": percentile(itl, 0.99),
+    return {"turns": turns, "seconds": seconds, "ttft": ttft, "itl": itl,
             "session_ids": [s.session_id for s in sessions]}
 
 
-def measure(model, base: Settings, learning: bool, args: argparse.Namespace) -> dict:
+def run_pass(model, base: Settings, learning: bool, args: argparse.Namespace) -> dict:
     settings = replace(base, learning=learning,
                        data_dir=Path(tempfile.mkdtemp(prefix="nsam-bench-")))
     if base.redis_url:
@@ -141,14 +141,24 @@ def measure(model, base: Settings, learning: bool, args: argparse.Namespace) -> 
     server = ServerThread(settings, model)
     try:
         deadline = time.monotonic() + args.max_seconds
-        result = asyncio.run(run_mode(f"127.0.0.1:{server.server.port}", args, deadline))
-        sizes = server.state_bytes(result.pop("session_ids"))
-        result["store_load_commit_p50_s"] = percentile(server.store_seconds, 0.5)
-        result["store_load_commit_p99_s"] = percentile(server.store_seconds, 0.99)
-        result["state_bytes_per_session"] = statistics.mean(sizes) if sizes else 0
+        raw = asyncio.run(run_mode(f"127.0.0.1:{server.server.port}", args, deadline))
+        raw["state_bytes"] = server.state_bytes(raw.pop("session_ids"))
+        raw["store"] = server.store_seconds
     finally:
         server.stop()
-    return result
+    return raw
+
+
+def summarise(passes: list[dict]) -> dict:
+    pool = lambda key: [x for p in passes for x in p[key]]  # noqa: E731
+    turns, seconds = sum(p["turns"] for p in passes), sum(p["seconds"] for p in passes)
+    ttft, itl, store, sizes = pool("ttft"), pool("itl"), pool("store"), pool("state_bytes")
+    return {"turns": turns, "seconds": seconds, "turns_per_s": turns / seconds,
+            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+            "inter_token_p50_s": percentile(itl, 0.5), "inter_token_p99_s": percentile(itl, 0.99),
+            "store_load_commit_p50_s": percentile(store, 0.5),
+            "store_load_commit_p99_s": percentile(store, 0.99),
+            "state_bytes_per_session": statistics.mean(sizes) if sizes else 0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per turn")
     p.add_argument("--max-seconds", type=float, default=120.0,
                    help="per mode: no new turn starts after this (bounds the run)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="passes per mode, alternating off/on (evens out a busy machine)")
     p.add_argument("--redis-url", default=None,
                    help="a Redis to use (it is FLUSHED); default: an embedded one in a temp dir")
     args = p.parse_args(argv)
@@ -167,11 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     model = NsamModel.load(args.model)
     base = Settings(port=0, metrics_port=0, model=args.model, redis_url=args.redis_url,
                     max_batch=max(1, args.sessions), consolidation="external")
-    off = measure(model, base, False, args)
-    on = measure(model, base, True, args)
+    passes: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(args.repeats):
+        for learning in (False, True):
+            passes[learning].append(run_pass(model, base, learning, args))
+    off, on = summarise(passes[False]), summarise(passes[True])
     report = {
         "config": {"model": args.model, "sessions": args.sessions, "turns": args.turns,
-                   "max_tokens": args.max_tokens, "redis": args.redis_url or "embedded"},
+                   "max_tokens": args.max_tokens, "repeats": args.repeats,
+                   "redis": args.redis_url or "embedded"},
         "learning_on": on,
         "learning_off": off,
         "ttft_ratio_learning": on["ttft_p50_s"] / off["ttft_p50_s"],
