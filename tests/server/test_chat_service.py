@@ -178,3 +178,21 @@ async def test_idle_sessions_expire(start_server, settings):
             await c.get_session(s.session_id)
         assert err.value.code == grpc.StatusCode.NOT_FOUND
         assert (await c.memory("alice")).levels[1:] == ()  # dropped from the index too
+
+
+async def test_learning_never_stalls_decoding(server, client):
+    """Medium updates and consolidation run on their own model copies: while both are busy,
+    another session's tokens still stream at once."""
+    import time
+    decode, learn, consolidate = server.threads
+    assert decode.model is not learn.model is not consolidate.model
+    stalls = [asyncio.ensure_future(t.call(time.sleep, 3.0)) for t in (learn, consolidate)]
+    await asyncio.sleep(0.1)
+    s = await client.create_session("bob")
+    started = time.perf_counter()
+    stream = client.chat(s.session_id, "hi", Sampling(max_tokens=8))
+    assert isinstance(await stream.__anext__(), Token)
+    assert time.perf_counter() - started < 1.5  # the first token did not wait for the stall
+    done = [item async for item in stream][-1]  # the turn itself waits for its medium update
+    assert time.perf_counter() - started >= 2.5 and done.learned
+    await asyncio.gather(*stalls)
