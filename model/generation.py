@@ -62,6 +62,7 @@ class Generator:
         self.finished: dict[str, _Running] = {}
         self.cancelled: list[TokenEvent] = []  # events of requests cancelled before admission
         self.lora_specs = [s for s in (levels.levels if levels else ()) if s.rule == "lora"]
+        self._stacked: tuple[tuple[_Running, ...], tuple] | None = None  # LoRA stacks of the last batch
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], levels: dict[str, object] | None,
@@ -78,6 +79,8 @@ class Generator:
         lora = [levels[s.name] for s in self.lora_specs if s.name in levels]
         if lora and len(lora) != len(self.lora_specs):
             raise ValueError("a request must bring every LoRA level or none")
+        if all(not bool(state.b.any()) for state in lora):
+            lora = []  # B = 0 everywhere (a fresh user and session): the deltas are exactly zero
         fast = None
         fast_state = levels.get("fast")
         if isinstance(fast_state, AssociativeState) and self.fast_params is not None and self.learning:
@@ -133,15 +136,24 @@ class Generator:
             return None
         lora_layers, a, b, scale = {}, None, None, 1.0
         if with_lora:
-            specs = self.lora_specs
-            states = [r.lora if r.lora else [_zero_like(s) for s in with_lora[0].lora] for r in batch]
-            lora_layers, a, b, scale = stack_lora(states, specs, self.model.config.n_layers)
+            lora_layers, a, b, scale = self._stack_lora(batch, with_lora[0])
         fast_layers, runners = {}, None
         if with_fast:
             assert self.fast_params is not None
             fast_layers = {layer: i for i, layer in enumerate(self.fast_params.spec.layers)}
             runners = [r.fast if r.fast is not None else _NullRunner() for r in batch]
         return BatchLevels(lora_layers, a, b, fast_layers, runners, layout, scale)
+
+    def _stack_lora(self, batch: list[_Running], example: _Running) -> tuple:
+        """The batch's LoRA stacks in the model's dtype, reused while the batch is unchanged
+        (decode steps between admissions and retirements): states do not change mid-request."""
+        cached = self._stacked
+        if cached is None or len(cached[0]) != len(batch) or any(x is not y for x, y in zip(cached[0], batch)):
+            states = [r.lora if r.lora else [_zero_like(s) for s in example.lora] for r in batch]
+            layers, a, b, scale = stack_lora(states, self.lora_specs, self.model.config.n_layers)
+            dtype = self.model.embed_tokens.weight.dtype
+            cached = self._stacked = (tuple(batch), (layers, a.to(dtype), b.to(dtype), scale))
+        return cached[1]
 
     def _prefill(self, batch: list[_Running]) -> None:
         layout = PackedLayout(tuple(r.slot for r in batch), tuple(0 for _ in batch),
