@@ -156,15 +156,20 @@ class FastMemory(nn.Module):
         self.gate = nn.Parameter(torch.zeros(n))  # tanh(0) = 0: the read starts closed
         self.lr_scale = 1.0  # 0 freezes the level: recovers the backbone exactly
 
-    def project(self, i: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (T, D) -> q, k, v (T, R), eta, alpha (T,)."""
-        xf = x.float()
-        q = F.normalize(xf @ self.w_q[i], dim=-1)
-        k = F.normalize(xf @ self.w_k[i], dim=-1)
-        v = xf @ self.w_v[i]
-        eta = torch.sigmoid(xf @ self.w_eta[i] + self.b_eta[i]) * self.spec.lr * self.lr_scale
-        alpha = torch.sigmoid(xf @ self.w_alpha[i] + self.b_alpha[i]) * float(self.lr_scale > 0)
-        return q, k, v, eta, alpha
+    def project(self, i: int, x: Tensor) -> Tensor:
+        """x (T, D) -> features (T, 3R + 2): q, k, v, η, α of each token, from one matmul."""
+        r = self.spec.rank
+        w = torch.cat([self.w_q[i], self.w_k[i], self.w_v[i], self.w_eta[i][:, None], self.w_alpha[i][:, None]], 1)
+        f = x.float() @ w
+        q = F.normalize(f[:, :r], dim=-1)
+        k = F.normalize(f[:, r:2 * r], dim=-1)
+        eta = torch.sigmoid(f[:, 3 * r] + self.b_eta[i]) * self.spec.lr * self.lr_scale
+        alpha = torch.sigmoid(f[:, 3 * r + 1] + self.b_alpha[i]) * float(self.lr_scale > 0)
+        return torch.cat([q, k, f[:, 2 * r:3 * r], eta[:, None], alpha[:, None]], 1)
+
+    def read(self, i: int, reads: Tensor) -> Tensor:
+        """M q for some tokens (.., R) -> their gated contribution to the residual (.., D)."""
+        return torch.tanh(self.gate[i]) * (reads @ self.w_o[i])
 
 
 def _write_chunk(memory: Tensor, momentum: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor,
@@ -182,57 +187,57 @@ class FastLevelRunner:
 
     The chunk grid is absolute (positions 0, C, 2C, …), so a sequence processed in pieces
     writes exactly as one long pass does; tokens read the memory as of their chunk's start.
+    Tokens of the open chunk wait in `pending` (per layer, as projected feature rows).
     """
 
     def __init__(self, params: FastMemory, state: AssociativeState):
         self.params = params
-        self.c = params.spec.period_tokens
+        self.c, self.r = params.spec.period_tokens, params.spec.rank
         self.memory = list(state.memory.unbind(0))
         self.momentum = list(state.momentum.unbind(0))
-        self.pk = list(state.pending_k.unbind(0))
-        self.pv = list(state.pending_v.unbind(0))
-        self.peta = list(state.pending_eta.unbind(0))
-        self.palpha = list(state.pending_alpha.unbind(0))
-        self.pending = [int(state.pending)] * len(self.memory)
+        n = int(state.pending)
+        self.pending: list[list[Tensor]] = [
+            [torch.cat([torch.zeros(n, self.r), state.pending_k[i, :n], state.pending_v[i, :n],
+                        state.pending_eta[i, :n, None], state.pending_alpha[i, :n, None]], 1)] if n else []
+            for i in range(len(self.memory))]
+        self.count = [n] * len(self.memory)
         self.surprise: list[float] = []
 
     def step(self, i: int, x: Tensor) -> Tensor:
         """x (T, D) consecutive tokens of this sequence at layer slot i -> read (T, D)."""
-        p = self.params
-        q, k, v, eta, alpha = p.project(i, x)
-        beta = torch.sigmoid(p.momentum[i])
+        return self.params.read(i, self.absorb(i, self.params.project(i, x))).to(x.dtype)
+
+    def absorb(self, i: int, feats: Tensor) -> Tensor:
+        """Projected tokens (T, 3R + 2) -> their memory reads (T, R); writes each chunk as it fills."""
+        r = self.r
         reads, t0 = [], 0
-        while t0 < x.shape[0]:
-            n = min(self.c - self.pending[i], x.shape[0] - t0)
-            sl = slice(t0, t0 + n)
-            reads.append(q[sl] @ self.memory[i].T)
-            at = self.pending[i]
-            self.pk[i] = _set_rows(self.pk[i], at, k[sl])
-            self.pv[i] = _set_rows(self.pv[i], at, v[sl])
-            self.peta[i] = _set_rows(self.peta[i], at, eta[sl])
-            self.palpha[i] = _set_rows(self.palpha[i], at, alpha[sl])
-            self.pending[i] += n
+        while t0 < feats.shape[0]:
+            n = min(self.c - self.count[i], feats.shape[0] - t0)
+            part = feats[t0:t0 + n]
+            reads.append(part[:, :r] @ self.memory[i].T)
+            self.pending[i].append(part)
+            self.count[i] += n
             t0 += n
-            if self.pending[i] == self.c:
-                err = (self.pk[i] @ self.memory[i].T - self.pv[i]).pow(2).sum(-1).mean()
-                self.surprise.append(float(err.detach()))
-                self.memory[i], self.momentum[i] = _write_chunk(
-                    self.memory[i], self.momentum[i], self.pk[i], self.pv[i], self.peta[i],
-                    self.palpha[i], beta)
-                self.pending[i] = 0
-        read = torch.cat(reads) @ p.w_o[i]
-        return (torch.tanh(p.gate[i]) * read).to(x.dtype)
+            if self.count[i] == self.c:
+                self._write(i, torch.cat(self.pending[i]))
+        return torch.cat(reads) if len(reads) > 1 else reads[0]
+
+    def _write(self, i: int, chunk: Tensor) -> None:
+        r = self.r
+        k, v, eta, alpha = chunk[:, r:2 * r], chunk[:, 2 * r:3 * r], chunk[:, 3 * r], chunk[:, 3 * r + 1]
+        err = (k @ self.memory[i].T - v).pow(2).sum(-1).mean()
+        self.surprise.append(float(err.detach()))
+        beta = torch.sigmoid(self.params.momentum[i])
+        self.memory[i], self.momentum[i] = _write_chunk(self.memory[i], self.momentum[i], k, v, eta, alpha, beta)
+        self.pending[i], self.count[i] = [], 0
 
     def state(self) -> AssociativeState:
-        return AssociativeState(torch.stack(self.memory), torch.stack(self.momentum), torch.stack(self.pk),
-                                torch.stack(self.pv), torch.stack(self.peta), torch.stack(self.palpha),
-                                torch.tensor(self.pending[0], dtype=torch.int64))
-
-
-def _set_rows(buf: Tensor, at: int, rows: Tensor) -> Tensor:
-    out = buf.clone()
-    out[at:at + rows.shape[0]] = rows.to(buf.dtype)
-    return out
+        r, c = self.r, self.c
+        open_chunk = [torch.cat(p) if p else torch.zeros(0, 3 * r + 2) for p in self.pending]
+        padded = torch.stack([F.pad(f.detach(), (0, 0, 0, c - f.shape[0])) for f in open_chunk])  # (L, C, 3R+2)
+        return AssociativeState(torch.stack(self.memory), torch.stack(self.momentum), padded[:, :, r:2 * r],
+                                padded[:, :, 2 * r:3 * r], padded[:, :, 3 * r], padded[:, :, 3 * r + 1],
+                                torch.tensor(self.count[0], dtype=torch.int64))
 
 
 # -- hooks: the levels of several sequences inside one forward pass ---------------------------
@@ -274,9 +279,16 @@ class BatchLevels:
         slot = self.fast_layers.get(layer)
         if slot is None or self.fast is None:
             return x
-        if self.layout is None:  # decode: one token per row
-            reads = [runner.step(slot, x[i]) for i, runner in enumerate(self.fast)]
-            return x + torch.stack(reads)
+        if self.layout is None and x.shape[1] == 1:  # decode: one token per row, projected together
+            params = next((r.params for r in self.fast if isinstance(r, FastLevelRunner)), None)
+            if params is None:
+                return x
+            feats = params.project(slot, x[:, 0])  # (B, 3R + 2)
+            reads = torch.cat([r.absorb(slot, feats[b:b + 1]) if isinstance(r, FastLevelRunner)
+                               else torch.zeros(1, params.spec.rank) for b, r in enumerate(self.fast)])
+            return x + params.read(slot, reads).to(x.dtype)[:, None]
+        if self.layout is None:  # a cache-free (B, T) pass
+            return x + torch.stack([runner.step(slot, x[b]) for b, runner in enumerate(self.fast)])
         reads = [runner.step(slot, x[0, s]) for runner, s in zip(self.fast, self._slices)]
         return x + torch.cat(reads)[None]
 
