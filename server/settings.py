@@ -118,6 +118,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     add_store_flags(parser)
     add_model_flags(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the /metrics endpoint binds (0.0.0.0 in a container)")
     parser.add_argument("--metrics-port", type=int, default=9465,
                         help="Prometheus /metrics port (0 = off)")
     parser.add_argument("--claim-idle-ms", type=int, default=60_000,

@@ -70,9 +70,6 @@ def test_worker_args_parse(render, monkeypatch, tmp_path):
     assert s.redis_url == "redis://:pw@demo-nsam-redis:6379/0"
 
 
-@pytest.mark.xfail(reason="`nsam consolidate` has no --host flag and binds /metrics on 127.0.0.1, so "
-                          "Prometheus cannot scrape workers in a pod; once the flag exists the chart "
-                          "passes --host=0.0.0.0 to the worker and this passes", strict=False)
 def test_worker_metrics_listen_on_all_interfaces(render, monkeypatch, tmp_path):
     s = run_cli(monkeypatch, container_argv(render({}), "-worker", tmp_path))
     assert s.host == "0.0.0.0"
