@@ -104,9 +104,3 @@ async def server(start_server, settings) -> NsamServer:
 async def client(server):
     async with AsyncClient(f"127.0.0.1:{server.port}") as c:
         yield c
-
-
-@pytest.fixture(scope="session")
-def real_model():
-    from nsam.model.runtime import NsamModel
-    return NsamModel.load("default")
