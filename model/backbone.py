@@ -100,9 +100,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # One fused kernel (it accumulates in float32): the same as the textbook float32 upcast
-        # in float32, and one rounding instead of two in bfloat16.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Accumulates in float32: the textbook upcast's result in float32, and one rounding
+        # instead of two in bfloat16.
+        d = x.shape[-1]
+        if x.dtype == torch.bfloat16 and x.numel() >= 1 << 16:
+            # Prefill-sized bfloat16: F.rms_norm is a chain of unfused ops there. [x, -x] has
+            # mean 0, so LayerNorm's single fused kernel computes exactly x / rms(x) on it.
+            both = F.layer_norm(torch.cat((x, -x), -1), (2 * d,), self.weight.repeat(2), None, self.eps)
+            return both[..., :d]
+        return F.rms_norm(x, (d,), self.weight, self.eps)
 
 
 def pack_weight(w: Tensor) -> Tensor:
@@ -111,7 +117,7 @@ def pack_weight(w: Tensor) -> Tensor:
     are returned as they are (float32 gains nothing from packing and would round differently)."""
     if (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 64)  # 64: good for 1 to 4096 rows
     return w
 
 
@@ -208,7 +214,7 @@ class Attention(nn.Module):
                 mask = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(start)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             outs.append(o)
-        o = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, layout.total, -1)
+        o = torch.cat([o.transpose(1, 2) for o in outs], dim=1).view(1, layout.total, -1)  # (1, T, H E)
         return linear(o, self.w_o)
 
     def decode(self, x: Tensor, cos: Tensor, signed_sin: Tensor, slots: Tensor, positions: Tensor,
@@ -259,14 +265,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
-        self.w_gate_up: Tensor | None = None  # fused (and packed) copies: see `fuse`
+        # For the inference passes (see `fuse`): float32 gate/up rows in one matrix; bfloat16
+        # packed gate and up.
+        self.w_gate_up: Tensor | None = None
+        self.w_gate: Tensor | None = None
+        self.w_up: Tensor | None = None
         self.w_down: Tensor | None = None
 
     def fuse(self) -> None:
-        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # (2F, D)
-        self.w_gate_up, self.w_down = pack_weight(gate_up), pack_weight(self.down_proj.weight)
-        if not self.w_gate_up.is_mkldnn:
-            _share_rows((self.gate_proj, self.up_proj), gate_up)
+        w_gate = pack_weight(self.gate_proj.weight)
+        if w_gate.is_mkldnn:  # oneDNN applies silu and the product with up inside the matmuls
+            self.w_gate, self.w_up, self.w_gate_up = w_gate, pack_weight(self.up_proj.weight), None
+        else:
+            self.w_gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # (2F, D)
+            _share_rows((self.gate_proj, self.up_proj), self.w_gate_up)
+        self.w_down = pack_weight(self.down_proj.weight)
 
     def forward(self, x: Tensor, hooks: LevelHooks | None, layer: int) -> Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (.., F)
@@ -274,9 +287,13 @@ class MLP(nn.Module):
 
     def fused(self, x: Tensor, hooks: LevelHooks | None, layer: int) -> Tensor:
         """`forward` through the fused weights (inference passes only: no autograd)."""
-        gate_up = linear(x, self.w_gate_up)  # (.., 2F)
-        f = gate_up.shape[-1] // 2
-        h = F.silu(gate_up[..., :f]) * gate_up[..., f:]  # (.., F)
+        if self.w_gate_up is None:
+            gate = torch.ops.mkldnn._linear_pointwise(x, self.w_gate, None, "swish", [], "")
+            h = torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.w_up, None, "mul")  # (.., F)
+        else:
+            gate_up = F.linear(x, self.w_gate_up)  # (.., 2F)
+            f = gate_up.shape[-1] // 2
+            h = F.silu(gate_up[..., :f]) * gate_up[..., f:]  # (.., F)
         return self._out(h, linear(h, self.w_down), hooks, layer)
 
     @staticmethod
