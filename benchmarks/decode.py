@@ -1,6 +1,6 @@
 """Prefill and decode throughput of our engine against `transformers` on the same weights.
 
-    python benchmarks/decode.py [--quick] [--json OUT] [--compile]
+    python benchmarks/decode.py [--quick] [--threads N] [--json OUT]
 
 What is measured (CPU, `torch.inference_mode`, warm-up run first, median of repeats):
 - prefill: 8 prompts of 512 tokens. Ours: one packed `Generator.step()` (prefill + first token);
@@ -75,31 +75,31 @@ class Ours:
             gen.add(i, p, self.state, SamplingParams(max_tokens=max_tokens))
         return ids
 
-    def prefill(self, batch: list[list[int]]) -> float:
-        """Seconds of one packed prefill of the whole batch (one `step()`, first token included)."""
+    def prefill(self, batch: list[list[int]]) -> tuple[float, float]:
+        """Wall and CPU seconds of one packed prefill of the batch (one `step()`, first token included)."""
         gen = self.gen
         ids = self._add(gen, batch, 1)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         gen.step()
-        elapsed = time.perf_counter() - t
+        elapsed = time.perf_counter() - t, time.process_time() - c
         while gen.has_work():
             gen.step()
         for i in ids:
             gen.pop_state(i)
         return elapsed
 
-    def decode(self, batch: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-        """Seconds of the decode steps (after the prefill step) and the generated ids."""
+    def decode(self, batch: list[list[int]], new_tokens: int) -> tuple[tuple[float, float], list[list[int]]]:
+        """Wall and CPU seconds of the decode steps (after the prefill step), and the generated ids."""
         gen = self.gen
         ids = self._add(gen, batch, new_tokens + 1)
         out = {i: [] for i in ids}
         for e in gen.step():  # prefill: the first token
             out[e.request_id].append(e.token_id)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         while gen.has_work():
             for e in gen.step():
                 out[e.request_id].append(e.token_id)
-        elapsed = time.perf_counter() - t
+        elapsed = time.perf_counter() - t, time.process_time() - c
         for i in ids:
             gen.pop_state(i)
         result = [out[i] for i in ids]
@@ -112,13 +112,13 @@ class _Clock:
     """A streamer that notes when each batch of tokens arrives (the prompt first)."""
 
     def __init__(self):
-        self.calls: list[float] = []
+        self.calls: list[tuple[float, float]] = []
 
     def put(self, value):
-        self.calls.append(time.perf_counter())
+        self.calls.append((time.perf_counter(), time.process_time()))
 
     def end(self):
-        self.calls.append(time.perf_counter())
+        self.put(None)
 
 
 class Reference:
@@ -142,22 +142,23 @@ class Reference:
         ref.generation_config.pad_token_id = 0
         self.ref = ref
 
-    def prefill(self, batch: list[list[int]]) -> float:
-        """Seconds of the (B, T) forward that `generate` runs before its first token."""
+    def prefill(self, batch: list[list[int]]) -> tuple[float, float]:
+        """Wall and CPU seconds of the (B, T) forward that `generate` runs before its first token."""
         ids = torch.tensor(batch)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         self.ref(ids, use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
-    def decode(self, batch: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-        """Seconds from the first generated token to the last, and the generated ids."""
+    def decode(self, batch: list[list[int]], new_tokens: int) -> tuple[tuple[float, float], list[list[int]]]:
+        """Wall and CPU seconds from the first generated token to the last, and the generated ids."""
         ids = torch.tensor(batch)
         clock = _Clock()
         out = self.ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=new_tokens + 1, streamer=clock)
         assert out.shape[1] == ids.shape[1] + new_tokens + 1
         # calls: prompt, first token (after the prefill), ..., last token, end
-        return clock.calls[-2] - clock.calls[1], out[:, ids.shape[1]:].tolist()
+        (t0, c0), (t1, c1) = clock.calls[1], clock.calls[-2]
+        return (t1 - t0, c1 - c0), out[:, ids.shape[1]:].tolist()
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -177,7 +178,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads for every engine (default: the CPUs we may run on)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="our dtypes, comma-separated")
     parser.add_argument("--skip-reference", action="store_true", help="ours only (no ratios)")
     args = parser.parse_args()
@@ -185,7 +185,7 @@ def main() -> None:
     prefill_len = 128 if args.quick else PREFILL_LEN
     new_tokens = 32 if args.quick else DECODE_TOKENS
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
 
     engines: dict[str, object] = {}
     setup: dict[str, dict] = {}
@@ -194,10 +194,6 @@ def main() -> None:
         t = time.perf_counter()
         model = NsamModel.load("default", dtype=dtype)
         setup[f"ours {dtype}"] = {"load_s": round(time.perf_counter() - t, 2)}
-        if args.compile:
-            t = time.perf_counter()
-            model.model.compile_decode()
-            setup[f"ours {dtype}"]["compile_s"] = round(time.perf_counter() - t, 2)
         engines[f"ours {dtype}"] = Ours(model)
         fp32 = model if dtype == "float32" else fp32
     if not args.skip_reference:
@@ -214,7 +210,7 @@ def main() -> None:
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     with torch.inference_mode():
         for key, (batch, n) in workloads.items():
-            times: dict[str, list[float]] = {name: [] for name in engines}
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
             for r in range(repeats + 1):  # run 0 warms up
                 for name, engine in engines.items():
                     if n is None:
@@ -225,16 +221,17 @@ def main() -> None:
                         outputs[(name, key)] = out
             tokens = sum(map(len, batch)) if n is None else len(batch) * n
             for name in engines:
-                rows[name][key] = round(tokens / statistics.median(times[name][1:]), 2)
+                rows[name][key] = round(tokens / statistics.median(w for w, _ in times[name][1:]), 2)
+                rows[name]["cpu_time_" + key] = round(tokens / statistics.median(c for _, c in times[name][1:]), 2)
             print(f"{key}: " + ", ".join(f"{name} {rows[name][key]}" for name in engines), file=sys.stderr, flush=True)
 
     results: dict = {
         "machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "load_average_1m": round(os.getloadavg()[0], 2)},
+                    "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
         "workload": {"prefill": f"{PREFILL_BATCH} x {prefill_len} tokens, packed",
                      "decode": f"{new_tokens} new tokens after {DECODE_PROMPT}-token prompts, greedy",
-                     "repeats": repeats, "compile": args.compile},
+                     "repeats": repeats},
         "engines": rows,
     }
     ref = "transformers float32"
@@ -248,6 +245,10 @@ def main() -> None:
             best = max(ours, key=lambda name: rows[name][key])
             results[label] = round(rows[best][key] / rows[ref][key], 3)
             results[label + "_engine"] = best
+            # The same from CPU seconds: steadier than wall time when other work shares the cores.
+            cpu = "cpu_time_" + key
+            best = max(ours, key=lambda name: rows[name][cpu])
+            results[label + "_cpu_time"] = round(rows[best][cpu] / rows[ref][cpu], 3)
     results["peak_rss_mib"] = round(peak_rss_mib(), 1)
     results["total_s"] = round(time.perf_counter() - started, 1)
 
@@ -259,14 +260,16 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     cols = [("prefill_tok_s", "prefill"), ("decode_b1_tok_s", "decode b=1"), ("decode_b8_tok_s", "decode b=8")]
-    w = results["workload"]
-    print(f"prefill: {w['prefill']}; decode: {w['decode']}; threads {results['machine']['threads']}")
-    print(f"{'tokens/s':<24}" + "".join(f"{c:>14}" for _, c in cols))
+    w, m = results["workload"], results["machine"]
+    print(f"prefill: {w['prefill']}; decode: {w['decode']}")
+    print(f"threads {m['threads']}, load average {m['load_average_1m'][0]} -> {m['load_average_1m'][1]}")
+    print(f"{'tokens/s (wall)':<24}" + "".join(f"{c:>14}" for _, c in cols))
     for name, r in results["engines"].items():
         print(f"{name:<24}" + "".join(f"{r[k]:>14.1f}" for k, _ in cols))
     if "ratio_batch1" in results:
-        ratios = [results["ratio_prefill"], results["ratio_batch1"], results["ratio_batch8"]]
-        print(f"{'best ours/transformers':<24}" + "".join(f"{x:>13.2f}x" for x in ratios))
+        labels = ("ratio_prefill", "ratio_batch1", "ratio_batch8")
+        print(f"{'best ours/transformers':<24}" + "".join(f"{results[k]:>13.2f}x" for k in labels))
+        print(f"{'  same, from CPU time':<24}" + "".join(f"{results[k + '_cpu_time']:>13.2f}x" for k in labels))
         print(f"greedy tokens identical to transformers: {results['greedy_tokens_identical_to_transformers']}")
     print(f"peak RSS {results['peak_rss_mib']:.0f} MiB, total {results['total_s']:.0f} s")
 
