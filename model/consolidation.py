@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from .backbone import Transformer
 from .levels import LevelSpec, LoraState
-from .updates import TrainingExample, _batch, guard, lora_logits, token_losses, train_lora
+from .updates import TrainingExample, _batch, guard, lora_logits, lora_logits_at, token_losses, train_lora
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,13 @@ class ConsolidationReport:
     seconds: float
 
 
-_VALUE = r"([^.!?\n;]{1,60}?)"
-_END = r"\s*(?:[.!?\n;]|,\s*(?:and|but)\b|$)"
+_VALUE = r"([^.!?\n;,:]{1,60}?)"
+# A value ends at punctuation or where a clause about it starts ("I work at Acme as an engineer").
+_END = r"\s*(?:[.!?\n;,:]|\s(?:and|but|as|who|which|because|since|so|now|these days)\b|$)"
+_W = r"[^\W\d_]+"  # a word (letters, accents included)
 _PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...], str], ...] = tuple(
     (re.compile(p, re.IGNORECASE), key, qs, a) for p, key, qs, a in (
-        (r"\bmy ((?:[a-z]+'s |[a-z]+ ){0,2}[a-z]+) (?:is|are|was) (?:called |named )?" + _VALUE + _END,
+        (r"\bmy ((?:" + _W + r"'s |" + _W + r" ){0,2}" + _W + r") (?:is|are|was) (?:called |named )?" + _VALUE + _END,
          "{0}", ("What is my {0}?", "Do you remember my {0}?", "Tell me my {0}."), "Your {0} is {1}."),
         (r"\bI live in " + _VALUE + _END, "home",
          ("Where do I live?", "Which place do I live in?", "Do you remember where I live?"), "You live in {0}."),
@@ -97,6 +100,18 @@ def chat_example(tokenizer, messages: list[dict[str, str]], train_roles: tuple[s
     return TrainingExample(ids, weights[1:])
 
 
+def turn_examples(tokenizer, turn: list[dict[str, str]]) -> list[TrainingExample]:
+    """What the medium level could learn from one turn: the user's message in context, plus a
+    question→answer pair for each fact it states (statement training alone does not carry over
+    to questions). For `NsamModel.update_medium`; the in-session recall figure needs it."""
+    examples = [chat_example(tokenizer, turn, ("user",))]
+    text = "\n".join(m["content"] for m in turn if m["role"] == "user")
+    for f in extract_facts(text):
+        examples += [chat_example(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": f.answer}],
+                                  ("assistant",)) for q in f.questions[:2]]
+    return examples
+
+
 def _greedy(model: Transformer, ids: list[int], n: int, eos: tuple[int, ...]) -> list[int]:
     out: list[int] = []
     x = torch.tensor([ids])
@@ -108,6 +123,53 @@ def _greedy(model: Transformer, ids: list[int], n: int, eos: tuple[int, ...]) ->
             out.append(nxt)
             x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
     return out
+
+
+# What the frozen model says does not change between consolidations: computed once per model.
+_FROZEN_CACHE: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()
+
+
+def _frozen(model: Transformer, key: tuple, compute):
+    cache = _FROZEN_CACHE.setdefault(model, {})
+    if key not in cache:
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = compute()
+    return cache[key]
+
+
+def _answer_logprobs(model: Transformer, example: TrainingExample) -> torch.Tensor:
+    """Frozen log-probabilities (K, V) at the weighted positions of one example."""
+    ids, select, _, _ = _selected([example])
+    with torch.inference_mode():
+        return F.log_softmax(model(ids)[select].float(), -1)
+
+
+def _greedy_level(model: Transformer, spec: LevelSpec, level: LoraState, ids: list[int], n: int,
+                  eos: tuple[int, ...]) -> list[int]:
+    """Greedy continuation with a LoRA level applied (no cache: short answers only)."""
+    zero_a = torch.zeros(len(spec.layers), 0, level.a.shape[-1])
+    zero_b = torch.zeros(len(spec.layers), level.b.shape[1], 0)
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            x = torch.tensor([ids + out])
+            select = torch.zeros_like(x, dtype=torch.bool)
+            select[0, -1] = True
+            nxt = int(lora_logits_at(model, spec, [level], zero_a, zero_b, x, select)[0].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+    return out
+
+
+def _untaught_questions(taught: set[str], n: int) -> list[str]:
+    """Questions about things the user did not state: common personal attributes, plus the
+    question frames of the extraction patterns whose slot was not filled."""
+    questions = [f"What is my {u}?" for u in UNTAUGHT_PROBES if u not in taught]
+    frames = [qs[0] for _, key, qs, _ in _PATTERNS if key != "{0}" and key not in taught]
+    mixed = [q for pair in zip(questions, frames) for q in pair] + questions[len(frames):] + frames[len(questions):]
+    return mixed[:n]
 
 
 def probe_loss(model: Transformer, spec: LevelSpec, levels: list[LoraState], probe_ids: list[int]) -> float:
@@ -125,13 +187,21 @@ def probe_loss(model: Transformer, spec: LevelSpec, levels: list[LoraState], pro
 
 @dataclass(frozen=True)
 class ConsolidationConfig:
-    steps: int = 24
-    lr: float = 3e-3
+    steps: int = 12
+    lr: float = 5e-3
     kl_weight: float = 1.0
     untaught_weight: float = 1.0
     replay_weight: float = 0.5
     max_forgetting: float = 0.05  # accept if probe loss <= baseline * (1 + this)
     untaught_probes: int = 4
+    # On-policy negatives: at these steps, answer untaught questions with the level being trained
+    # and pull it towards the frozen model along its own answers (value positions included).
+    on_policy_at: tuple[int, ...] = ()
+    on_policy_probes: int = 8
+    on_policy_tokens: int = 16
+    on_policy_weight: float = 1.0
+    rotate_questions: bool = True  # one question form per fact per step (cheaper than all forms)
+    replay: str = "facts"  # "facts": replay only the user messages that stated facts; "all"
 
 
 def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: LoraState,
@@ -142,43 +212,81 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     user_text = "\n".join(m["content"] for m in transcript if m["role"] == "user")
     facts = extract_facts(user_text)
     statements = [m for m in transcript if m["role"] == "user"]
-    baseline = probe_loss(model, spec, [], probe_ids)
+    baseline = _frozen(model, ("probe", tuple(probe_ids)), lambda: probe_loss(model, spec, [], probe_ids))
     if not facts and not statements:
         return user_state, ConsolidationReport(False, "no-data", baseline, baseline, math.nan, 0, 0.0,
                                                user_state.weight_norm(), time.perf_counter() - started)
 
     rehearsal = [chat_example(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": f.answer}],
                               ("assistant",)) for f in facts for q in f.questions]
+    if config.replay == "facts" and facts:  # only the messages that stated something
+        statements = [m for m in statements if extract_facts(m["content"])] or statements
     replay = [chat_example(tokenizer, [m], ("user",)) for m in statements]
+    # Rehearsal rounds: each step sees one question form per fact, cycling through the forms.
+    forms = max((len(f.questions) for f in facts), default=1) if config.rotate_questions else 1
+    rounds = [[chat_example(tokenizer, [{"role": "user", "content": f.questions[r % len(f.questions)]},
+                                        {"role": "assistant", "content": f.answer}], ("assistant",))
+               for f in facts] for r in range(forms)] if config.rotate_questions else [rehearsal]
     taught = {f.key for f in facts}
     untaught = [u for u in UNTAUGHT_PROBES if u not in taught][:config.untaught_probes]
     negatives = []
     for attr in untaught:
         prompt = tokenizer.encode_chat([{"role": "user", "content": f"What is my {attr}?"}])
-        answer = _greedy(model, prompt, 12, tokenizer.eos_token_ids)
+        answer = _frozen(model, ("greedy", tuple(prompt)), lambda: _greedy(model, prompt, 12, tokenizer.eos_token_ids))
         negatives.append(TrainingExample(prompt + answer, [0.0] * (len(prompt) - 1) + [1.0] * len(answer)))
 
-    groups = [(ex, w) for ex, w in ((rehearsal, 1.0), (replay, config.replay_weight)) if ex]
-    batches = [(_batch(ex), w) for ex, w in groups]
+    rounds = [_selected(r) for r in rounds if r]
+    groups = [(_selected(replay), config.replay_weight)] if replay and config.replay_weight else []
+    step = [0]
     anchor = torch.tensor([anchor_ids])
-    neg_ids, _, neg_w = _batch(negatives) if negatives else (None, None, None)
+    anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
+    neg = _selected(negatives) if negatives else None
     with torch.inference_mode():
-        anchor_ref = F.log_softmax(model(anchor).float(), -1)
-        neg_ref = F.log_softmax(model(neg_ids).float(), -1) if neg_ids is not None else None
+        anchor_ref = _frozen(model, ("logprobs", tuple(anchor_ids)),
+                             lambda: F.log_softmax(model(anchor)[anchor_sel].float(), -1))
+        neg_ref = torch.cat([_frozen(model, ("answer-logprobs", tuple(e.ids)), lambda e=e: _answer_logprobs(model, e))
+                             for e in negatives]) if neg is not None else None
 
     def objective(logits_fn):
         loss, surprise = 0.0, 0.0
-        for (ids, targets, weights), w in batches:
-            losses = token_losses(logits_fn(ids), targets)
+        batches = groups + ([(rounds[step[0] % len(rounds)], 1.0)] if rounds else [])
+        step[0] += 1
+        for (ids, select, targets, weights), w in batches:
+            losses = F.cross_entropy(logits_fn(ids, select).float(), targets, reduction="none")
             mean = (losses * weights).sum() / weights.sum().clamp_min(1e-6)
             loss = loss + w * mean
             surprise += float(mean.detach()) * w
-        loss = loss + config.kl_weight * _kl(logits_fn(anchor), anchor_ref, None)
-        if neg_ids is not None:
-            loss = loss + config.untaught_weight * _kl(logits_fn(neg_ids), neg_ref, neg_w)
+        loss = loss + config.kl_weight * _kl(logits_fn(anchor, anchor_sel), anchor_ref, None)
+        if neg is not None:
+            loss = loss + config.untaught_weight * _kl(logits_fn(neg[0], neg[1]), neg_ref, neg[3])
         return loss, surprise
 
-    new, surprise = train_lora(model, spec, user_state, [], objective, config.steps, config.lr)
+    untaught_prompts = [tokenizer.encode_chat([{"role": "user", "content": q}])
+                        for q in _untaught_questions(taught, config.on_policy_probes)]
+    on_policy: list = []  # [(ids, select, weights, frozen logprobs)]
+
+    def full_objective(logits_fn):
+        loss, surprise = objective(logits_fn)
+        for ids, select, weights, ref in on_policy:
+            loss = loss + config.on_policy_weight * _kl(logits_fn(ids, select), ref, weights) / len(on_policy)
+        return loss, surprise
+
+    new, surprise, done = user_state, math.nan, 0
+    for stop in sorted({s for s in config.on_policy_at if 0 < s < config.steps}) + [config.steps]:
+        new, first = train_lora(model, spec, new, [], full_objective, stop - done, config.lr)
+        surprise = first if done == 0 else surprise
+        done = stop
+        if done < config.steps and untaught_prompts:
+            examples = []
+            for prompt in untaught_prompts:
+                answer = _greedy_level(model, spec, new, prompt, config.on_policy_tokens, tokenizer.eos_token_ids)
+                if answer:
+                    examples.append(TrainingExample(prompt + answer, [0.0] * (len(prompt) - 1) + [1.0] * len(answer)))
+            if examples:
+                ids, select, _, weights = _selected(examples)
+                with torch.inference_mode():
+                    ref = F.log_softmax(model(ids)[select].float(), -1)
+                on_policy = [(ids, select, weights, ref)]
     kept, level = guard(spec, user_state, new, None, surprise, started)
     if not level.accepted:
         return user_state, ConsolidationReport(False, level.reason, math.nan, baseline, math.nan, len(facts),
@@ -198,12 +306,19 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     return (new if ok else user_state), report
 
 
+def _selected(examples: list[TrainingExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (N, T), select (N, T): positions whose prediction carries weight, their targets (K,)
+    and weights (K,)). weights[t] weighs predicting ids[t+1], made at position t."""
+    ids, targets, weights = _batch(examples)
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[:, :-1] = weights > 0
+    return ids, select, targets[weights > 0], weights[weights > 0]
+
+
 def _kl(logits, ref_logprobs, weights) -> torch.Tensor:
-    """KL(frozen ‖ adapted) per position, averaged over weighted positions (all if None)."""
+    """KL(frozen ‖ adapted) per selected position (K, V), weighted mean (plain mean if None)."""
     logp = F.log_softmax(logits.float(), -1)
-    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1)  # (N, T)
+    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1)  # (K,)
     if weights is None:
         return kl.mean()
-    # weights index targets (positions 1..T-1); the prediction for them sits at 0..T-2.
-    w = weights
-    return (kl[:, :-1] * w).sum() / w.sum().clamp_min(1e-6)
+    return (kl * weights).sum() / weights.sum().clamp_min(1e-6)

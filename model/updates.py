@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .backbone import Transformer
 from .levels import BatchLevels, LevelSpec, LoraState
@@ -61,6 +61,25 @@ def lora_logits(model: Transformer, spec: LevelSpec, frozen: list[LoraState], a:
     return model(ids, hooks)
 
 
+def lora_logits_at(model: Transformer, spec: LevelSpec, frozen: list[LoraState], a: Tensor, b: Tensor,
+                   ids: Tensor, select: Tensor) -> Tensor:
+    """Logits (K, V) only at the positions where `select` (N, T) is true, with the levels applied
+    as in `lora_logits`: the same pass, minus the vocabulary projection of positions no loss
+    looks at (most of a chat example is prompt, and the projection is a large share of the cost)."""
+    n = ids.shape[0]
+    a_all = torch.cat([s.a for s in frozen] + [a], dim=1)[None].expand(n, -1, -1, -1)
+    b_all = torch.cat([s.b for s in frozen] + [b], dim=2)[None].expand(n, -1, -1, -1)
+    hooks = BatchLevels({layer: i for i, layer in enumerate(spec.layers)}, a_all, b_all, {}, None,
+                        None, spec.scale)
+    head = model.lm_head
+    model.lm_head = nn.Identity()  # the pass returns final hidden states (the model has one owner thread)
+    try:
+        hidden = model(ids, hooks)
+    finally:
+        model.lm_head = head
+    return head(hidden[select])
+
+
 def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-position cross-entropy (N, T-1)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
@@ -88,15 +107,20 @@ def train_lora(model: Transformer, spec: LevelSpec, state: LoraState, frozen: li
                objective, steps: int, lr: float) -> tuple[LoraState, float]:
     """Run `steps` Adam steps of `objective(logits_fn)` on the level's A/B.
 
-    `objective` receives `logits_fn(ids) -> logits` (with the trainable level applied) and
-    returns (loss tensor, surprise float). Returns the new state and the first step's surprise.
+    `objective` receives `logits_fn(ids) -> logits` (with the trainable level applied; given a
+    boolean `select` (N, T) as well, only the logits of those positions, (K, V)) and returns
+    (loss tensor, surprise float). Returns the new state and the first step's surprise.
     """
     first_surprise = math.nan
     for i in range(steps):
         a = state.a.detach().requires_grad_(True)
         b = state.b.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss, surprise = objective(lambda ids: lora_logits(model, spec, frozen, a, b, ids))
+            def logits_fn(ids, select=None, a=a, b=b):
+                if select is None:
+                    return lora_logits(model, spec, frozen, a, b, ids)
+                return lora_logits_at(model, spec, frozen, a, b, ids, select)
+            loss, surprise = objective(logits_fn)
             grad_a, grad_b = torch.autograd.grad(loss, (a, b))
         if i == 0:
             first_surprise = surprise
@@ -131,12 +155,16 @@ def update_on_examples(model: Transformer, spec: LevelSpec, state: LoraState, fr
         return state, LevelReport(spec.name, 0.0, 0.0, state.weight_norm(), state.weight_norm(), False,
                                   "no-data", 0.0)
     ids, targets, weights = _batch(examples)
+    # Only positions with a weight need logits (the vocabulary projection is a large share of the cost).
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[:, :-1] = weights > 0
+    targets, weights = targets[weights > 0], weights[weights > 0]
 
     def objective(logits_fn):
-        losses = token_losses(logits_fn(ids), targets)
+        losses = F.cross_entropy(logits_fn(ids, select).float(), targets, reduction="none")
         w = weights
         if surprise_weighting:
-            w = w * (losses.detach() / losses.detach()[weights > 0].mean().clamp_min(1e-6)).clamp(0.25, 4.0)
+            w = w * (losses.detach() / losses.detach().mean().clamp_min(1e-6)).clamp(0.25, 4.0)
         loss = (losses * w).sum() / w.sum().clamp_min(1e-6)
         surprise = float((losses.detach() * weights).sum() / weights.sum())
         return loss, surprise

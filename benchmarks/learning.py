@@ -1,0 +1,529 @@
+"""Learning benchmark: does the default model remember what a user tells it, and at what cost?
+
+    python benchmarks/learning.py --json benchmarks/results/learning.json
+    python benchmarks/learning.py --quick            # fewer users / sessions / tokens
+
+Users teach through ordinary chat turns: the user writes free text ("By the way, my sister's
+name is Olvena."), the model answers with its own words through the generator (learning on),
+the medium level updates after each reply, and the session is consolidated into the user's
+slow level at its end. Episodes (made-up names, places, codes) come from `episodes.py` with a
+fixed seed. Texts are passed as paths, so you can bring your own.
+
+Measured, for the default model, next to baselines (frozen model; the user's statements in
+the prompt; the user's 3 most similar past messages retrieved into the prompt, mem0-style):
+
+- cross_session_recall: facts taught in session 1, asked in a fresh session 2 started from the
+  consolidated user level, none of them in context; greedy; substring match of the value.
+- in_session_recall: same session (state carried, medium updates on) after the attention
+  window (`--window` tokens) has moved past the facts.
+- false_binding: questions about things never taught answered with one of the user's values.
+- other_user_changes: greedy outputs of another user (fresh state) that change when this
+  user's learned state is in the same batch (compared with the same batch without it).
+- forgetting: perplexity change on a slice of general English after one user's 20 sessions.
+- online_ppl_reduction: dynamic evaluation on long documents (loss on chunk i+1 after the
+  medium level updated on chunks ≤ i) vs the frozen model, as a fraction lower.
+- update_seconds_per_100_tokens, session_state_bytes, user_state_bytes.
+- learning_decode_ratio: decode tokens/s with learning on ÷ off, same prompts and states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from episodes import FILLER, make_episodes, make_long_user, matches  # noqa: E402
+
+from nsam.model.consolidation import probe_loss  # noqa: E402
+from nsam.model.runtime import NsamModel, SamplingParams  # noqa: E402
+from nsam.model.updates import TrainingExample, update_on_examples  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_GENERAL = REPO.parent / "shared" / "data" / "general_english.txt"
+DEFAULT_DOCS = REPO.parent / "shared" / "data" / "long_documents"
+
+GOALS = {  # key -> (comparison, threshold)
+    "cross_session_recall": (">=", 0.90),
+    "in_session_recall": (">=", 0.80),
+    "false_binding": ("<=", 0.05),
+    "other_user_changes": ("==", 0),
+    "forgetting": ("<=", 0.02),
+    "online_ppl_reduction": (">=", 0.10),
+    "learning_decode_ratio": (">=", 0.80),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- generation ------------------------------------------------------------------------------
+class Chat:
+    """Runs rounds of requests through one generator (continuous batching)."""
+
+    def __init__(self, m: NsamModel, max_batch: int, learning: bool = True, max_tokens: int = 32):
+        self.m, self.max_tokens = m, max_tokens
+        self.gen = m.generator(max_batch, learning=learning)
+        self.decode_seconds = 0.0
+        self.decode_tokens = 0
+
+    def run(self, requests: list[tuple[str, list[int], bytes]]) -> dict[str, tuple[str, bytes]]:
+        """requests: (id, prompt ids, session state) -> id -> (reply text, session state after)."""
+        texts = {rid: "" for rid, _, _ in requests}
+        for rid, ids, state in requests:
+            self.gen.add(rid, ids, state, SamplingParams(max_tokens=self.max_tokens))
+        while self.gen.has_work():
+            running = len(self.gen.inner.running)
+            t0 = time.perf_counter()
+            events = self.gen.step()
+            dt = time.perf_counter() - t0
+            if running and not self.gen.inner.waiting:  # pure decode steps (no prefill in them)
+                self.decode_seconds += dt
+                self.decode_tokens += running
+            for e in events:
+                texts[e.request_id] += e.text
+        return {rid: (texts[rid].strip(), self.gen.pop_state(rid)[0]) for rid, _, _ in requests}
+
+
+def window_prompt(m: NsamModel, messages: list[dict], window: int, hidden: list[str]) -> list[int]:
+    """encode_chat with the window; then drop more old turns while a value in `hidden` is still
+    visible, so the question is asked with the facts out of the window."""
+    ids = m.encode_chat(messages, window)
+    msgs = list(messages)
+    while any(matches(m.tokenizer.decode(ids), v) for v in hidden) and len(msgs) > 1:
+        msgs = msgs[1:]
+        ids = m.encode_chat(msgs, window)
+    return ids
+
+
+# -- retrieval baseline (mem0-style, top-k by TF-IDF) ---------------------------------------
+_WORD = re.compile(r"[a-z0-9']+")
+_STOP = {"the", "a", "an", "is", "my", "i", "me", "you", "do", "what", "what's", "of", "to", "and",
+         "can", "remember", "tell", "know", "name", "s"}
+
+
+def _words(text: str) -> list[str]:
+    out = []
+    for w in _WORD.findall(text.lower()):
+        w = w.removesuffix("'s")
+        if w not in _STOP:
+            out.append(w)
+    return out
+
+
+def retrieve(query: str, past: list[str], k: int = 3) -> list[str]:
+    docs = [Counter(_words(p)) for p in past]
+    df = Counter(w for d in docs for w in d)
+    idf = {w: math.log((1 + len(docs)) / (1 + n)) + 1 for w, n in df.items()}
+    q = Counter(_words(query))
+
+    def vec(c):
+        v = {w: n * idf.get(w, 1.0) for w, n in c.items()}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {w: x / norm for w, x in v.items()}
+
+    qv = vec(q)
+    scores = [sum(qv.get(w, 0.0) * x for w, x in vec(d).items()) for d in docs]
+    order = sorted(range(len(past)), key=lambda i: -scores[i])[:k]
+    return [past[i] for i in sorted(order)]
+
+
+# -- perplexity helpers ----------------------------------------------------------------------
+def mean_loss(m: NsamModel, ids: list[int], user_level=None, chunk: int = 1024) -> float:
+    spec = m.levels.get("user")
+    total, n = 0.0, 0
+    for i in range(0, len(ids) - 1, chunk):
+        piece = ids[i:i + chunk + 1]
+        if len(piece) < 2:
+            break
+        loss = probe_loss(m.model, spec, [user_level] if user_level is not None else [], piece)
+        total += loss * (len(piece) - 1)
+        n += len(piece) - 1
+    return total / n
+
+
+def online_ppl(m: NsamModel, docs: list[Path], doc_tokens: int, chunk: int, offset: int) -> dict:
+    """Dynamic evaluation: per document, loss on each chunk with the medium level as updated on
+    the chunks before it, vs the frozen model on the same chunks (each chunk scored alone)."""
+    spec = m.levels.get("medium")
+    frozen_total = online_total = 0.0
+    n = 0
+    per_doc = {}
+    update_seconds = 0.0
+    for path in docs:
+        ids = m.tokenizer.encode(path.read_text(encoding="utf-8"))
+        ids = ids[offset:offset + doc_tokens] if len(ids) > offset + doc_tokens else ids[:doc_tokens]
+        state = m._new_level("medium")
+        f_sum = o_sum = 0.0
+        k = 0
+        for i in range(0, len(ids) - 1, chunk):
+            piece = ids[i:i + chunk]
+            if len(piece) < 16:
+                break
+            f = probe_loss(m.model, spec, [], piece)
+            o = probe_loss(m.model, spec, [state], piece)
+            f_sum += f * (len(piece) - 1)
+            o_sum += o * (len(piece) - 1)
+            k += len(piece) - 1
+            t0 = time.perf_counter()
+            state, _ = update_on_examples(m.model, spec, state, [], [TrainingExample(piece, [1.0] * (len(piece) - 1))])
+            update_seconds += time.perf_counter() - t0
+        per_doc[path.name] = {"frozen_ppl": math.exp(f_sum / k), "online_ppl": math.exp(o_sum / k), "tokens": k}
+        log(f"  {path.name}: frozen ppl {math.exp(f_sum / k):.2f}, online {math.exp(o_sum / k):.2f}")
+        frozen_total += f_sum
+        online_total += o_sum
+        n += k
+    fp, op = math.exp(frozen_total / n), math.exp(online_total / n)
+    return {"frozen_ppl": fp, "online_ppl": op, "reduction": 1 - op / fp, "tokens": n, "chunk": chunk,
+            "update_seconds": update_seconds, "per_doc": per_doc}
+
+
+# -- the phases ------------------------------------------------------------------------------
+def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states: dict[str, bytes]):
+    """Session 1 for every user, batched across users: facts then filler, one turn each; the
+    model replies with its own words; update_medium after each reply."""
+    states = {e.user: m.new_session_state(user_states[e.user]) for e in episodes}
+    history = {e.user: [] for e in episodes}
+    turns = {e.user: [f.statement for f in e.facts] + list(e.filler) for e in episodes}
+    upd_seconds, upd_tokens = 0.0, 0
+    for t in range(max(len(v) for v in turns.values())):
+        reqs = []
+        for e in episodes:
+            if t < len(turns[e.user]):
+                history[e.user].append({"role": "user", "content": turns[e.user][t]})
+                reqs.append((e.user, m.encode_chat(history[e.user], window), states[e.user]))
+        out = chat.run(reqs)
+        for rid, (text, state) in out.items():
+            history[rid].append({"role": "assistant", "content": text})
+            t0 = time.perf_counter()
+            states[rid], reports = m.update_medium(state, history[rid])
+            upd_seconds += time.perf_counter() - t0
+            upd_tokens += len(m.tokenizer.encode_chat(history[rid][-2:], add_generation_prompt=False))
+        log(f"  turn {t + 1}: {len(reqs)} replies, e.g. {out[episodes[0].user][0][:70]!r}")
+    return states, history, upd_seconds, upd_tokens
+
+
+def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
+    """One user over many sessions (2 facts each, taught in chat turns, medium updates on),
+    each consolidated; perplexity on general English with the final user level vs frozen."""
+    t0 = time.perf_counter()
+    text = args.general.read_text(encoding="utf-8")
+    general = m.tokenizer.encode(text[:args.general_tokens * 8])[:args.general_tokens]
+    base_loss = mean_loss(m, general)
+    chat = Chat(m, 2, learning=True)
+    user = m.new_user_state()
+    accepted = 0
+    sessions = make_long_user(args.forgetting_sessions, 2, seed=args.seed + 1)
+    for s, facts in enumerate(sessions):
+        state = m.new_session_state(user)
+        hist: list[dict] = []
+        for turn in [f.statement for f in facts]:
+            hist.append({"role": "user", "content": turn})
+            reply, state = chat.run([("long", m.encode_chat(hist, args.window), state)])["long"]
+            hist.append({"role": "assistant", "content": reply})
+            state, _ = m.update_medium(state, hist)
+        user, rep = m.consolidate(user, state, hist)
+        accepted += rep.accepted
+        log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason} ({rep.seconds:.0f}s)")
+    level = m._read(user, "user").levels["user"]
+    after = mean_loss(m, general, level)
+    forgetting = math.exp(after) / math.exp(base_loss) - 1
+    log(f"forgetting {forgetting:+.2%} after {len(sessions)} sessions ({accepted} accepted) "
+        f"[{time.perf_counter() - t0:.0f}s]")
+    return forgetting, {"sessions": len(sessions), "accepted": accepted, "tokens": len(general),
+                        "ppl_before": math.exp(base_loss), "ppl_after": math.exp(after),
+                        "seconds": time.perf_counter() - t0}
+
+
+def _forgetting_worker(args, queue) -> None:
+    torch.set_num_threads(args.threads)
+    m = NsamModel.load(args.model)
+    m.context_window = min(m.context_window, 1024)
+    queue.put(forgetting_phase(m, args))
+
+
+class ForgettingJob:
+    """The forgetting phase is one long sequential chain of sessions: with --jobs 2 it runs in
+    a second process next to the rest of the benchmark; with --jobs 1 when its result is asked."""
+
+    def __init__(self, args):
+        self.args = args
+        self.proc = None
+        if args.jobs > 1:
+            import multiprocessing as mp
+            ctx = mp.get_context("spawn")
+            self.queue = ctx.Queue()
+            self.proc = ctx.Process(target=_forgetting_worker, args=(args, self.queue), daemon=True)
+            self.proc.start()
+
+    def result(self) -> tuple[float, dict]:
+        if self.proc is None:
+            m = NsamModel.load(self.args.model)
+            m.context_window = min(m.context_window, 1024)
+            return forgetting_phase(m, self.args)
+        out = self.queue.get()
+        self.proc.join()
+        return out
+
+
+def score(answers: dict, expected: dict) -> float:
+    hits = [matches(answers[k], v) for k, v in expected.items()]
+    return sum(hits) / max(len(hits), 1)
+
+
+def false_bound(answers: dict, keys: list, values: dict) -> float:
+    bad = [any(matches(answers[k], v) for v in values[k]) for k in keys]
+    return sum(bad) / max(len(bad), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--general", type=Path, default=DEFAULT_GENERAL, help="general English text (forgetting)")
+    ap.add_argument("--docs", type=Path, nargs="+", default=[DEFAULT_DOCS],
+                    help="long documents (files or folders of .txt) for online perplexity")
+    ap.add_argument("--users", type=int, default=10)
+    ap.add_argument("--facts", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--window", type=int, default=256, help="attention window (prompt tokens) in sessions")
+    ap.add_argument("--forgetting-sessions", type=int, default=20)
+    ap.add_argument("--general-tokens", type=int, default=4096)
+    ap.add_argument("--doc-tokens", type=int, default=2048, help="tokens per document (online ppl)")
+    ap.add_argument("--max-docs", type=int, default=7)
+    ap.add_argument("--chunk", type=int, default=256, help="chunk size of the online evaluation")
+    ap.add_argument("--batch", type=int, default=24, help="generator max batch")
+    ap.add_argument("--jobs", type=int, default=2, choices=[1, 2],
+                    help="2: run the forgetting chain in a second process, in parallel")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 by default: on a shared 2-core machine more threads thrash)")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 users, 5 forgetting sessions, 2 documents × 1024 tokens")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["forgetting", "online", "decode"],
+                    help="leave phases out (their figures are null)")
+    args = ap.parse_args()
+    if args.quick:
+        args.users = min(args.users, 3)
+        args.forgetting_sessions = min(args.forgetting_sessions, 5)
+        args.max_docs = min(args.max_docs, 2)
+        args.doc_tokens = min(args.doc_tokens, 1024)
+
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    forgetting_job = None
+    if "forgetting" not in args.skip:
+        forgetting_job = ForgettingJob(args)
+    torch.manual_seed(0)
+    m = NsamModel.load(args.model)
+    m.context_window = min(m.context_window, 1024)  # small KV caches: prompts stay within the window
+    log(f"loaded {args.model} ({m.source}); {args.users} users x {args.facts} facts, window {args.window}")
+    episodes = make_episodes(args.users, args.facts, seed=args.seed)
+    chat = Chat(m, args.batch, learning=True)
+    details: dict = {}
+
+    # 1) session 1: teach through chat turns, medium updates after each reply.
+    fresh_user = m.new_user_state()
+    t0 = time.perf_counter()
+    states, history, upd_s, upd_tok = teach_sessions(m, chat, episodes, args.window,
+                                                     {e.user: fresh_user for e in episodes})
+    details["teach_seconds"] = time.perf_counter() - t0
+    session_state_bytes = len(states[episodes[0].user])
+
+    # 2) in-session recall: facts out of the window, same session state.
+    values = {e.user: [f.value for f in e.facts] for e in episodes}
+    reqs, expected, meta = [], {}, {}
+    for e in episodes:
+        for f in e.facts:
+            for j, q in enumerate(f.questions):
+                rid = f"{e.user}|in|{f.attribute}|{j}"
+                ids = window_prompt(m, history[e.user] + [{"role": "user", "content": q}], args.window, values[e.user])
+                reqs.append((rid, ids, states[e.user]))
+                expected[rid] = f.value
+                meta[rid] = ids
+    t0 = time.perf_counter()
+    fresh_session = m.new_session_state(None)
+    ans_in = {k: v[0] for k, v in chat.run(reqs).items()}
+    ans_in_frozen = {k.replace("|in|", "|inF|"): v[0] for k, v in
+                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, _ in reqs]).items()}
+    in_session_recall = score(ans_in, expected)
+    in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
+    details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)
+    log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}) "
+        f"[{time.perf_counter() - t0:.0f}s]")
+
+    # 3) consolidation at session end.
+    user_states, cons = {}, []
+    for e in episodes:
+        t0 = time.perf_counter()
+        user_states[e.user], rep = m.consolidate(fresh_user, states[e.user], history[e.user])
+        cons.append({"user": e.user, "accepted": rep.accepted, "reason": rep.reason, "facts": rep.facts,
+                     "probe_change": rep.probe_loss / rep.baseline_probe_loss - 1 if rep.accepted else None,
+                     "seconds": time.perf_counter() - t0})
+        log(f"  consolidate {e.user}: {rep.reason}, {rep.facts} facts extracted, "
+            f"probe {rep.probe_loss:.3f} vs {rep.baseline_probe_loss:.3f}, {time.perf_counter() - t0:.0f}s")
+    details["consolidations"] = cons
+    user_state_bytes = len(user_states[episodes[0].user])
+
+    # 4) session 2: fresh session from the consolidated level; a bystander (fresh user) asks
+    #    the same question in the same batch. Then the same batch with the user's level fresh.
+    cross_expected, untaught_keys, taught_values = {}, [], {}
+    questions = []
+    for e in episodes:
+        for f in e.facts:
+            for j, q in enumerate(f.questions):
+                questions.append((e, f"{e.user}|x|{f.attribute}|{j}", q))
+                cross_expected[f"{e.user}|x|{f.attribute}|{j}"] = f.value
+        for j, q in enumerate(e.untaught):
+            questions.append((e, f"{e.user}|u|{j}", q))
+            untaught_keys.append(f"{e.user}|u|{j}")
+    for _, k, _ in questions:
+        taught_values[k] = values[k.split("|")[0]]
+    t0 = time.perf_counter()
+    learned_session = {e.user: m.new_session_state(user_states[e.user]) for e in episodes}
+
+    def session2(with_learning: bool):
+        reqs = []
+        for e, k, q in questions:
+            ids = m.encode_chat([{"role": "user", "content": q}], args.window)
+            reqs.append((k, ids, learned_session[e.user] if with_learning else fresh_session))
+            reqs.append((k + "|bystander", ids, fresh_session))
+        out = {}
+        for i in range(0, len(reqs), args.batch):  # each chunk keeps (user, bystander) pairs together
+            out.update({k: v[0] for k, v in chat.run(reqs[i:i + args.batch]).items()})
+        return out
+
+    ans_learned = session2(True)
+    ans_frozen = session2(False)
+    cross = score(ans_learned, cross_expected)
+    fb = false_bound(ans_learned, untaught_keys, taught_values)
+    changed = sum(ans_learned[k + "|bystander"] != ans_frozen[k + "|bystander"] for _, k, _ in questions)
+    log(f"cross-session recall {cross:.0%}, false binding {fb:.0%}, other-user changes {changed} "
+        f"[{time.perf_counter() - t0:.0f}s]")
+
+    # baselines: frozen; statements in the prompt; retrieval of the top-3 past messages.
+    base = {"frozen": {"cross_session_recall": score(ans_frozen, cross_expected),
+                       "false_binding": false_bound(ans_frozen, untaught_keys, taught_values),
+                       "in_session_recall": in_session_frozen}}
+    past = {e.user: [h["content"] for h in history[e.user] if h["role"] == "user"] for e in episodes}
+    for name in ("facts_in_prompt", "retrieval_top3"):
+        reqs = []
+        for e, k, q in questions:
+            if name == "facts_in_prompt":
+                notes = [f.statement for f in e.facts]
+            else:
+                notes = retrieve(q, past[e.user], 3)
+            system = "Things the user told you earlier:\n" + "\n".join(f"- {n}" for n in notes)
+            ids = m.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": q}], 1024)
+            reqs.append((k, ids, fresh_session))
+        out = {}
+        for i in range(0, len(reqs), args.batch):
+            out.update({k: v[0] for k, v in chat.run(reqs[i:i + args.batch]).items()})
+        base[name] = {"cross_session_recall": score(out, cross_expected),
+                      "false_binding": false_bound(out, untaught_keys, taught_values)}
+        log(f"baseline {name}: recall {base[name]['cross_session_recall']:.0%}, "
+            f"false binding {base[name]['false_binding']:.0%}")
+    details["examples"] = {k: {"expected": cross_expected.get(k), "learned": ans_learned[k], "frozen": ans_frozen[k]}
+                           for _, k, _ in questions[:2 * (args.facts * 2 + 5)]}
+
+    # 5) forgetting (started at the beginning, in its own process when --jobs 2).
+    forgetting = None
+    if forgetting_job is not None:
+        forgetting, details["forgetting"] = forgetting_job.result()
+
+    # 6) online perplexity on long documents.
+    online = None
+    if "online" not in args.skip:
+        t0 = time.perf_counter()
+        docs = []
+        for p in args.docs:
+            docs += sorted(p.glob("*.txt")) if p.is_dir() else [p]
+        res = online_ppl(m, docs[:args.max_docs], args.doc_tokens, args.chunk, offset=1000)
+        online = res["reduction"]
+        details["online"] = {**res, "seconds": time.perf_counter() - t0}
+        log(f"online ppl {res['online_ppl']:.2f} vs frozen {res['frozen_ppl']:.2f}: {online:.1%} lower")
+
+    # 7) decode speed with learning on / off, same prompts and states.
+    ratio = None
+    if "decode" not in args.skip:
+        prompts = [m.encode_chat([{"role": "user", "content": q}], args.window) for q in FILLER[:8]]
+        rates = {True: [], False: []}
+        for _ in range(2):
+            for learning in (False, True):
+                c = Chat(m, 8, learning=learning, max_tokens=48)
+                c.run([(f"d{i}", p, fresh_session) for i, p in enumerate(prompts)])
+                rates[learning].append(c.decode_tokens / c.decode_seconds)
+        ratio = max(rates[True]) / max(rates[False])
+        details["decode_tokens_per_s"] = {"learning": max(rates[True]), "frozen": max(rates[False])}
+        log(f"decode ratio {ratio:.2f}")
+
+    results = {
+        "cross_session_recall": cross,
+        "in_session_recall": in_session_recall,
+        "false_binding": fb,
+        "other_user_changes": changed,
+        "forgetting": forgetting,
+        "online_ppl_reduction": online,
+        "update_seconds_per_100_tokens": 100 * upd_s / max(upd_tok, 1),
+        "session_state_bytes": session_state_bytes,
+        "user_state_bytes": user_state_bytes,
+        "learning_decode_ratio": ratio,
+        "baselines": base,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+        | {"docs": [str(p) for p in args.docs], "model": m.source, "threads": torch.get_num_threads()},
+        "details": details,
+        "seconds": time.perf_counter() - started,
+    }
+    print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _met(key: str, value) -> str:
+    if key not in GOALS or value is None:
+        return ""
+    op, th = GOALS[key]
+    ok = {">=": value >= th, "<=": value <= th, "==": value == th}[op]
+    return "met" if ok else "MISSED"
+
+
+def print_table(r: dict) -> None:
+    pct = {"cross_session_recall", "in_session_recall", "false_binding", "forgetting", "online_ppl_reduction"}
+    rows = []
+    for key in ("cross_session_recall", "in_session_recall", "false_binding", "other_user_changes", "forgetting",
+                "online_ppl_reduction", "update_seconds_per_100_tokens", "session_state_bytes", "user_state_bytes",
+                "learning_decode_ratio"):
+        v = r[key]
+        shown = "n/a" if v is None else (f"{v:+.1%}" if key == "forgetting" else f"{v:.1%}" if key in pct
+                                         else f"{v:.2f}" if isinstance(v, float) else f"{v:,}")
+        goal = ""
+        if key in GOALS:
+            op, th = GOALS[key]
+            goal = f"{op} {th:.0%}" if key in pct else f"{op} {th}"
+        rows.append((key, shown, goal, _met(key, v)))
+    width = max(len(x[0]) for x in rows)
+    print(f"\n{'metric':<{width}}  {'value':>12}  {'goal':>8}  status")
+    for key, shown, goal, status in rows:
+        print(f"{key:<{width}}  {shown:>12}  {goal:>8}  {status}")
+    print("\nbaselines (same questions):")
+    print(f"{'':<18}{'cross-session recall':>22}{'false binding':>15}{'in-session recall':>19}")
+    for name, b in r["baselines"].items():
+        ins = f"{b['in_session_recall']:.0%}" if "in_session_recall" in b else "-"
+        print(f"{name:<18}{b['cross_session_recall']:>22.0%}{b['false_binding']:>15.0%}{ins:>19}")
+    met = [k for k in GOALS if _met(k, r[k]) == "met"]
+    missed = [k for k in GOALS if _met(k, r[k]) == "MISSED"]
+    print(f"\ngoals met: {', '.join(met) or 'none'}")
+    print(f"goals missed: {', '.join(missed) or 'none'}")
+    print(f"total {r['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
