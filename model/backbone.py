@@ -105,8 +105,12 @@ class RMSNorm(nn.Module):
         # instead of two in bfloat16.
         d = x.shape[-1]
         if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            # F.rms_norm is a chain of unfused ops in bfloat16 (2x slower at one token, 3x at
-            # thousands). [x, -x] has mean 0, so LayerNorm's fused kernel computes x / rms(x) on it.
+            # F.rms_norm is a chain of unfused ops with float32 copies in bfloat16: 2x slower
+            # than these at one token, 6x at thousands.
+            if x.numel() >= 1 << 16:  # prefill: one float32 reduction, two bfloat16 products
+                norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+                return x * torch.rsqrt(norm.square_().div_(d).add_(self.eps)).to(x.dtype) * self.weight
+            # decode: fewest ops. [x, -x] has mean 0, so LayerNorm computes x / rms(x) on it.
             both = F.layer_norm(torch.cat((x, -x), -1), (2 * d,), self._doubled_weight(), None, self.eps)
             return both[..., :d]
         return F.rms_norm(x, (d,), self.weight, self.eps)
@@ -131,11 +135,14 @@ def pack_weight(w: Tensor) -> Tensor:
     return w
 
 
-def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear` that also takes a weight from `pack_weight`."""
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """`F.linear` (plus `residual`) that also takes a weight from `pack_weight`; oneDNN adds
+    the residual inside the matmul."""
     if w.is_mkldnn:
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, bias, "add")
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-    return F.linear(x, w, bias)
+    return F.linear(x, w, bias) if residual is None else residual + F.linear(x, w, bias)
 
 
 @dataclass
@@ -203,8 +210,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin), v
 
-    def prefill(self, x: Tensor, cos: Tensor, signed_sin: Tensor, layout: PackedLayout) -> Tensor:
-        """x (1, T, D) packed; attention stays inside each sequence. cos, signed_sin (T, E)."""
+    def prefill(self, x: Tensor, cos: Tensor, signed_sin: Tensor, layout: PackedLayout,
+                residual: Tensor | None = None) -> Tensor:
+        """x (1, T, D) packed; attention stays inside each sequence. cos, signed_sin (T, E).
+        Returns residual + attention output."""
         h, kv, e = self.n_heads, self.n_kv, self.head_dim
         qkv = linear(x, self.w_qkv, self.b_qkv).view(1, -1, h + 2 * kv, e).transpose(1, 2)  # (1, H+2K, T, E)
         qk = apply_rope(qkv[:, :h + kv], cos, signed_sin)
@@ -225,13 +234,13 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             outs.append(o)
         o = torch.cat([o.transpose(1, 2) for o in outs], dim=1).view(1, layout.total, -1)  # (1, T, H E)
-        return linear(o, self.w_o)
+        return linear(o, self.w_o, residual=residual)
 
     def decode(self, x: Tensor, cos: Tensor, signed_sin: Tensor, slots: Tensor, positions: Tensor,
-               length: int, contiguous: bool, mask: Tensor) -> Tensor:
+               length: int, contiguous: bool, mask: Tensor, residual: Tensor | None = None) -> Tensor:
         """x (B, 1, D); cos, signed_sin (B, 1, E); mask additive (0 or -inf), (B K, G, S) for the
         bmm path and (B, 1, 1, S) for SDPA: each row attends to its own slot's first
-        positions[b] + 1 tokens."""
+        positions[b] + 1 tokens. Returns residual + attention output."""
         b = x.shape[0]
         h, kv, e = self.n_heads, self.n_kv, self.head_dim
         assert self.cache is not None, "decode needs the KV cache (call setup_caches)"
@@ -249,7 +258,7 @@ class Attention(nn.Module):
             o = torch.bmm(torch.softmax(scores, dim=-1), values)  # (B K, G, E)
         else:
             o = F.scaled_dot_product_attention(qk[:, :h, None], keys, values, attn_mask=mask, enable_gqa=True)
-        return linear(o.reshape(b, 1, h * e), self.w_o)
+        return linear(o.reshape(b, 1, h * e), self.w_o, residual=residual)
 
 
 def bmm_attention(dtype: torch.dtype) -> bool:
@@ -293,10 +302,15 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, hooks: LevelHooks | None, layer: int) -> Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (.., F)
-        return self._out(h, self.down_proj(h), hooks, layer)
+        out = self.down_proj(h)
+        if hooks is not None:
+            delta = hooks.mlp_delta(layer, h)
+            if delta is not None:
+                out = out + delta
+        return out
 
-    def fused(self, x: Tensor, hooks: LevelHooks | None, layer: int) -> Tensor:
-        """`forward` through the fused weights (inference passes only: no autograd)."""
+    def fused(self, x: Tensor, hooks: LevelHooks | None, layer: int, residual: Tensor) -> Tensor:
+        """residual + `forward`, through the fused weights (inference passes only: no autograd)."""
         if self.w_gate_up is None:
             gate = torch.ops.mkldnn._linear_pointwise(x, self.w_gate, None, "swish", [], "")
             h = torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.w_up, None, "mul")  # (.., F)
@@ -304,15 +318,10 @@ class MLP(nn.Module):
             gate_up = F.linear(x, self.w_gate_up)  # (.., 2F)
             f = gate_up.shape[-1] // 2
             h = F.silu(gate_up[..., :f]) * gate_up[..., f:]  # (.., F)
-        return self._out(h, linear(h, self.w_down), hooks, layer)
-
-    @staticmethod
-    def _out(h: Tensor, out: Tensor, hooks: LevelHooks | None, layer: int) -> Tensor:
-        if hooks is not None:
-            delta = hooks.mlp_delta(layer, h)
-            if delta is not None:
-                out = out + delta
-        return out
+        delta = hooks.mlp_delta(layer, h) if hooks is not None else None
+        if delta is None:
+            return linear(h, self.w_down, residual=residual)
+        return residual + (linear(h, self.w_down) + delta)  # the order of `Block.mix`
 
 
 class Block(nn.Module):
@@ -324,12 +333,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def mix(self, x: Tensor, attended: Tensor, hooks: LevelHooks | None, fused: bool = False) -> Tensor:
+    def mix(self, x: Tensor, attended: Tensor, hooks: LevelHooks | None) -> Tensor:
         x = x + attended
         if hooks is not None:
             x = hooks.after_attention(self.index, x)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp.fused(h, hooks, self.index) if fused else self.mlp(h, hooks, self.index))
+        return x + self.mlp(self.post_attention_layernorm(x), hooks, self.index)
+
+    def mix_fused(self, x: Tensor, hooks: LevelHooks | None) -> Tensor:
+        """`mix` for the inference passes, whose attention output already holds the residual."""
+        if hooks is not None:
+            x = hooks.after_attention(self.index, x)
+        return self.mlp.fused(self.post_attention_layernorm(x), hooks, self.index, residual=x)
 
 
 class Transformer(nn.Module):
@@ -382,8 +396,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)[None]  # (1, T, D)
         cos, signed_sin = self._rope(layout.positions(tokens.device), x.dtype)
         for block in self.layers:
-            attended = block.self_attn.prefill(block.input_layernorm(x), cos, signed_sin, layout)
-            x = block.mix(x, attended, hooks, fused=True)
+            x = block.self_attn.prefill(block.input_layernorm(x), cos, signed_sin, layout, residual=x)
+            x = block.mix_fused(x, hooks)
         x = x[0]
         if not all_logits:
             ends = torch.tensor(layout.lengths, device=x.device).cumsum(0) - 1
@@ -406,9 +420,9 @@ class Transformer(nn.Module):
             g = c.n_heads // c.n_kv_heads
             mask = mask.expand(-1, c.n_kv_heads, g, -1).reshape(-1, g, length)  # (B K, G, S)
         for block in self.layers:
-            attended = block.self_attn.decode(block.input_layernorm(x), cos, signed_sin, slots, positions,
-                                              length, contiguous, mask)
-            x = block.mix(x, attended, hooks, fused=True)
+            x = block.self_attn.decode(block.input_layernorm(x), cos, signed_sin, slots, positions,
+                                       length, contiguous, mask, residual=x)
+            x = block.mix_fused(x, hooks)
         return linear(self.norm(x[:, 0]), self.head)
 
     def forward(self, tokens: Tensor, hooks: LevelHooks | None = None) -> Tensor:
