@@ -17,7 +17,7 @@ import torch
 
 from . import config as configs
 from .backbone import Transformer
-from .consolidation import ConsolidationConfig, ConsolidationReport, chat_example, consolidate
+from .consolidation import ConsolidationConfig, ConsolidationReport, consolidate, turn_examples
 from .generation import Generator as _Generator
 from .generation import TokenEvent
 from .levels import FastMemory, LevelsConfig, LoraState, default_levels, new_state
@@ -136,13 +136,15 @@ class NsamModel:
 
     def update_medium(self, session_state: bytes, messages: list[dict[str, str]]
                       ) -> tuple[bytes, list[LevelReport]]:
-        """After a reply: the medium level learns from the user's last message (in context)."""
+        """After a reply: the medium level learns from the user's last message (in context) and
+        rehearses a question→answer pair for each fact it states."""
         state = self._read(session_state, "session")
         spec = self.levels.get("medium")
-        turn = messages[-2:] if len(messages) >= 2 else messages
-        example = chat_example(self.tokenizer, turn, ("user",))
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turn = system + (messages[-2:] if len(messages) >= 2 else messages)
         frozen = [state.levels["user"]] if "user" in state.levels else []
-        new, report = update_on_examples(self.model, spec, state.levels["medium"], frozen, [example])
+        new, report = update_on_examples(self.model, spec, state.levels["medium"], frozen,
+                                         turn_examples(self.tokenizer, turn))
         if report.accepted:
             drift = float(torch.linalg.matrix_norm(new.b @ new.a).norm())  # parent = user level (separate delta)
             report = LevelReport(**{**report.__dict__, "drift": drift})
