@@ -11,6 +11,11 @@ Two entry points, both over a batch of *independent* sequences that share the st
 - `decode(tokens, slots, positions)`: one new token for each of B sequences, each at its own
   position.
 
+Both run on inference copies of the weights that `setup_caches` builds (`fuse_weights`): q/k/v
+and gate/up fused into one matmul each, and in bfloat16 packed for oneDNN, whose post-ops also
+apply silu, the up product and the residual adds. `forward` (training, reference comparisons)
+uses the Linear modules, which keep owning the weights and the state_dict names.
+
 Memory levels plug in through `LevelHooks` (see `levels.py`); with no hooks the model is the
 plain pretrained backbone. This module never does I/O.
 """
@@ -101,19 +106,17 @@ class RMSNorm(nn.Module):
         self._doubled: tuple[Tensor, int, Tensor] | None = None  # see _doubled_weight
 
     def forward(self, x: Tensor) -> Tensor:
-        # Accumulates in float32: the textbook upcast's result in float32, and one rounding
-        # instead of two in bfloat16.
         d = x.shape[-1]
         if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
             # F.rms_norm is a chain of unfused ops with float32 copies in bfloat16: 2x slower
-            # than these at one token, 6x at thousands.
+            # than these at one token, 6x at thousands. Both accumulate in float32.
             if x.numel() >= 1 << 16:  # prefill: one float32 reduction, two bfloat16 products
                 norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
                 return x * torch.rsqrt(norm.square_().div_(d).add_(self.eps)).to(x.dtype) * self.weight
             # decode: fewest ops. [x, -x] has mean 0, so LayerNorm computes x / rms(x) on it.
             both = F.layer_norm(torch.cat((x, -x), -1), (2 * d,), self._doubled_weight(), None, self.eps)
             return both[..., :d]
-        return F.rms_norm(x, (d,), self.weight, self.eps)
+        return F.rms_norm(x, (d,), self.weight, self.eps)  # float32: one fused kernel
 
     def _doubled_weight(self) -> Tensor:
         """[weight, weight], rebuilt when the weight is replaced or changed in place."""
@@ -143,19 +146,6 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None, residual: Tensor | 
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, bias, "add")
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, w, bias) if residual is None else residual + F.linear(x, w, bias)
-
-
-@dataclass
-class FusedWeights:
-    """One block's projections as the inference passes use them: q/k/v rows in one matrix,
-    gate/up rows in another (one matmul each). Built by `Block.fuse` from the Linear modules,
-    which stay the owners of the weights (state_dict names and training are unchanged)."""
-
-    qkv: Tensor  # ((H + 2K) E, D)
-    qkv_bias: Tensor | None
-    o: Tensor  # (D, H E)
-    gate_up: Tensor  # (2F, D)
-    down: Tensor  # (D, F)
 
 
 class KVCache(nn.Module):
