@@ -126,7 +126,7 @@ def _fact(rng: random.Random, attr, used: set[str]) -> Fact:
 
 
 def make_episodes(users: int, facts: int, seed: int = 1234, questions_per_fact: int = 2,
-                  untaught: int = 5, filler: int = 4) -> list[Episode]:
+                  untaught: int = 5, filler: int = 3) -> list[Episode]:
     """`users` episodes of `facts` facts each (at most len(ATTRIBUTES))."""
     if not 1 <= facts <= len(ATTRIBUTES) - 1:
         raise ValueError(f"facts must be between 1 and {len(ATTRIBUTES) - 1}")

@@ -297,7 +297,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256, help="attention window (prompt tokens) in sessions")
     ap.add_argument("--forgetting-sessions", type=int, default=20)
     ap.add_argument("--general-tokens", type=int, default=4096)
-    ap.add_argument("--doc-tokens", type=int, default=2048, help="tokens per document (online ppl)")
+    ap.add_argument("--doc-tokens", type=int, default=1024, help="tokens per document (online ppl)")
     ap.add_argument("--max-docs", type=int, default=7)
     ap.add_argument("--chunk", type=int, default=256, help="chunk size of the online evaluation")
     ap.add_argument("--batch", type=int, default=24, help="generator max batch")

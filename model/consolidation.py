@@ -189,16 +189,18 @@ def probe_loss(model: Transformer, spec: LevelSpec, levels: list[LoraState], pro
 class ConsolidationConfig:
     steps: int = 12
     lr: float = 5e-3
-    kl_weight: float = 1.0
+    kl_weight: float = 10.0
     untaught_weight: float = 1.0
     replay_weight: float = 0.5
     max_forgetting: float = 0.05  # accept if probe loss <= baseline * (1 + this)
+    probe_ppl_budget: float = 1.0  # and probe perplexity <= frozen's * (1 + this), cumulative over sessions
+    shrink: tuple[float, ...] = ()  # past the budget: try old + alpha (new - old) for these alphas
     untaught_probes: int = 4
     # On-policy negatives: at these steps, answer untaught questions with the level being trained
     # and pull it towards the frozen model along its own answers (value positions included).
-    on_policy_at: tuple[int, ...] = ()
-    on_policy_probes: int = 8
-    on_policy_tokens: int = 16
+    on_policy_at: tuple[int, ...] = (6,)
+    on_policy_probes: int = 4
+    on_policy_tokens: int = 12
     on_policy_weight: float = 1.0
     rotate_questions: bool = True  # one question form per fact per step (cheaper than all forms)
     replay: str = "facts"  # "facts": replay only the user messages that stated facts; "all"
@@ -291,7 +293,16 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     if not level.accepted:
         return user_state, ConsolidationReport(False, level.reason, math.nan, baseline, math.nan, len(facts),
                                                level.update_norm, level.drift, time.perf_counter() - started)
-    candidate_probe = probe_loss(model, spec, [new], probe_ids)
+    # Trust region: the probe's perplexity (cumulative, vs the frozen model) must stay within the
+    # budget; if the full update is past it, try shorter steps from the old state towards it.
+    budget = math.log1p(config.probe_ppl_budget)
+    candidate, candidate_probe = new, probe_loss(model, spec, [new], probe_ids)
+    for alpha in config.shrink:
+        if math.isfinite(candidate_probe) and candidate_probe - baseline <= budget:
+            break
+        candidate = _interpolate(user_state, new, alpha)
+        candidate_probe = probe_loss(model, spec, [candidate], probe_ids)
+    new = candidate
     recall = math.nan
     if rehearsal:
         ids, targets, weights = _batch(rehearsal)
@@ -300,10 +311,17 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             zero_b = torch.zeros(len(spec.layers), new.b.shape[1], 0)
             losses = token_losses(lora_logits(model, spec, [new], zero_a, zero_b, ids), targets)
         recall = float((losses * weights).sum() / weights.sum())
-    ok = math.isfinite(candidate_probe) and candidate_probe <= baseline * (1 + config.max_forgetting)
+    ok = (math.isfinite(candidate_probe) and candidate_probe - baseline <= budget
+          and candidate_probe <= baseline * (1 + config.max_forgetting))
     report = ConsolidationReport(ok, "ok" if ok else "forgetting", candidate_probe, baseline, recall, len(facts),
                                  level.update_norm, level.drift, time.perf_counter() - started)
     return (new if ok else user_state), report
+
+
+def _interpolate(old: LoraState, new: LoraState, alpha: float) -> LoraState:
+    """old + alpha (new - old) for the weights; the new optimizer moments."""
+    return LoraState(old.a + alpha * (new.a - old.a), old.b + alpha * (new.b - old.b), new.m_a, new.v_a,
+                     new.m_b, new.v_b, new.step)
 
 
 def _selected(examples: list[TrainingExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
