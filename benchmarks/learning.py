@@ -269,7 +269,14 @@ class ForgettingJob:
             m = NsamModel.load(self.args.model)
             m.context_window = min(m.context_window, 1024)
             return forgetting_phase(m, self.args)
-        out = self.queue.get()
+        import queue
+        while True:
+            try:
+                out = self.queue.get(timeout=5)
+                break
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise RuntimeError(f"the forgetting process died (exit code {self.proc.exitcode})") from None
         self.proc.join()
         return out
 
