@@ -61,7 +61,7 @@ def default_levels(n_layers: int) -> LevelsConfig:
     all_layers = tuple(range(n_layers))
     return LevelsConfig((
         LevelSpec("fast", "associative", 32, every_third, rank=32, lr=1.0, max_update_norm=50.0),
-        LevelSpec("medium", "lora", 0, all_layers, rank=16, lr=5e-3, steps=5, max_update_norm=25.0),
+        LevelSpec("medium", "lora", 0, all_layers, rank=16, lr=3e-3, steps=3, max_update_norm=25.0),
         LevelSpec("user", "lora", 0, all_layers, rank=16, lr=3e-3, steps=30, max_update_norm=100.0),
     ))
 
