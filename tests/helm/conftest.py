@@ -40,7 +40,7 @@ def render(chart):
 @pytest.fixture(scope="session")
 def metric_names() -> set[str]:
     """Every sample name nsam.server.metrics exposes (with _total/_bucket/_sum/_count)."""
-    metrics = pytest.importorskip("nsam.server.metrics")
+    from nsam.server import metrics
     from prometheus_client import Counter, Gauge, Histogram, Summary
 
     names: set[str] = set()

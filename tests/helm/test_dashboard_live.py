@@ -27,7 +27,6 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
-    pytest.importorskip("nsam.server.app")
     with live.stack("tiny", tmp_path_factory.mktemp("live"), consolidation="external") as (server, prom):
         counts = live.run_workload(server.grpc_target, sessions=4, turns=3, pause_s=0.7)
         # Two finished consolidations give every consolidation series a rate (a labelled counter
