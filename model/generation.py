@@ -150,7 +150,7 @@ class Generator:
         cached = self._stacked
         if cached is None or len(cached[0]) != len(batch) or any(x is not y for x, y in zip(cached[0], batch)):
             states = [r.lora if r.lora else [_zero_like(s) for s in example.lora] for r in batch]
-            layers, a, b, scale = stack_lora(states, self.lora_specs, self.model.config.n_layers)
+            layers, a, b, scale = stack_lora(states, self.lora_specs)
             dtype = self.model.embed_tokens.weight.dtype
             cached = self._stacked = (tuple(batch), (layers, a.to(dtype), b.to(dtype), scale))
         return cached[1]

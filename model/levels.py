@@ -293,7 +293,7 @@ class BatchLevels:
         return x + torch.cat(reads)[None]
 
 
-def stack_lora(states: list[list[LoraState]], specs: list[LevelSpec], n_layers: int
+def stack_lora(states: list[list[LoraState]], specs: list[LevelSpec]
                ) -> tuple[dict[int, int], Tensor | None, Tensor | None, float]:
     """Per sequence, concatenate the LoRA levels (same layers and scale required) on the rank
     axis; then stack sequences. Returns (layer->row, A (N, L, R', F), B (N, L, D, R'), scale)."""

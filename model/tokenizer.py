@@ -151,27 +151,24 @@ class ByteTokenizer:
 class StreamDecoder:
     """Incremental detokenisation: `push(id)` returns the text that is now complete.
 
-    Decodes the tokens since the last emitted boundary and holds text back while it ends in
-    an incomplete UTF-8 sequence (U+FFFD), so a multi-byte character split over tokens is
-    emitted whole.
+    Holds tokens back while their decoding ends in an incomplete UTF-8 sequence (U+FFFD), so a
+    multi-byte character split over tokens is emitted whole; then starts afresh, so the cost
+    per token stays constant.
     """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.pending: list[int] = []
-        self.prefix_len = 0  # characters of decode(pending) already emitted
 
     def push(self, token_id: int) -> str:
         self.pending.append(token_id)
         text = self.tokenizer.decode(self.pending)
         if text.endswith("\ufffd"):
             return ""
-        delta = text[self.prefix_len:]
-        # Restart the window so decoding cost stays constant per token.
-        self.pending, self.prefix_len = [], 0
-        return delta
+        self.pending = []
+        return text
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.pending)[self.prefix_len:] if self.pending else ""
-        self.pending, self.prefix_len = [], 0
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
         return text
