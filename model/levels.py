@@ -106,10 +106,11 @@ class AssociativeState:
     pending: Tensor  # () int64: tokens of the current chunk already seen
 
     @classmethod
-    def zeros(cls, spec: LevelSpec) -> "AssociativeState":
+    def zeros(cls, spec: LevelSpec, device: torch.device | str = "cpu") -> "AssociativeState":
         n, r, c = len(spec.layers), spec.rank, spec.period_tokens
-        return cls(torch.zeros(n, r, r), torch.zeros(n, r, r), torch.zeros(n, c, r), torch.zeros(n, c, r),
-                   torch.zeros(n, c), torch.zeros(n, c), torch.zeros((), dtype=torch.int64))
+        z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        return cls(z(n, r, r), z(n, r, r), z(n, c, r), z(n, c, r), z(n, c), z(n, c),
+                   torch.zeros((), dtype=torch.int64))
 
     def weight_norm(self) -> float:
         return float(self.memory.norm())
@@ -174,11 +175,12 @@ class FastMemory(nn.Module):
 
 def _write_chunk(memory: Tensor, momentum: Tensor, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor,
                  beta: Tensor) -> tuple[Tensor, Tensor]:
-    """One delta-rule step over a full chunk, all tokens at once. k, v (C, R), eta, alpha (C,)."""
-    error = k @ memory.T - v  # (C, R): M k_t − v_t
-    grad = (eta[:, None] * error).T @ k / k.shape[0]  # ∇ of Σ η_t ‖M k_t − v_t‖² / 2C
+    """One delta-rule step over a full chunk, all tokens at once. k, v (.., C, R), eta, alpha
+    (.., C); leading axes (if any) are sequences written side by side."""
+    error = k @ memory.transpose(-1, -2) - v  # (.., C, R): M k_t − v_t
+    grad = (eta[..., None] * error).transpose(-1, -2) @ k / k.shape[-2]  # ∇ of Σ η_t ‖M k_t − v_t‖² / 2C
     momentum = beta * momentum - grad
-    memory = (1 - alpha.mean()) * memory + momentum
+    memory = (1 - alpha.mean(-1))[..., None, None] * memory + momentum
     return memory, momentum
 
 
@@ -197,11 +199,16 @@ class FastLevelRunner:
         self.momentum = list(state.momentum.unbind(0))
         n = int(state.pending)
         self.pending: list[list[Tensor]] = [
-            [torch.cat([torch.zeros(n, self.r), state.pending_k[i, :n], state.pending_v[i, :n],
+            [torch.cat([state.pending_k.new_zeros(n, self.r), state.pending_k[i, :n], state.pending_v[i, :n],
                         state.pending_eta[i, :n, None], state.pending_alpha[i, :n, None]], 1)] if n else []
             for i in range(len(self.memory))]
         self.count = [n] * len(self.memory)
-        self.surprise: list[float] = []
+        self._surprise: list[Tensor] = []  # per written chunk; read as floats once (no sync per chunk)
+
+    @property
+    def surprise(self) -> list[float]:
+        """Mean ‖M k − v‖² of each chunk before its write."""
+        return torch.stack(self._surprise).flatten().tolist() if self._surprise else []
 
     def step(self, i: int, x: Tensor) -> Tensor:
         """x (T, D) consecutive tokens of this sequence at layer slot i -> read (T, D)."""
@@ -225,15 +232,48 @@ class FastLevelRunner:
     def _write(self, i: int, chunk: Tensor) -> None:
         r = self.r
         k, v, eta, alpha = chunk[:, r:2 * r], chunk[:, 2 * r:3 * r], chunk[:, 3 * r], chunk[:, 3 * r + 1]
-        err = (k @ self.memory[i].T - v).pow(2).sum(-1).mean()
-        self.surprise.append(float(err.detach()))
+        self._surprise.append((k @ self.memory[i].T - v).pow(2).sum(-1).mean().detach())
         beta = torch.sigmoid(self.params.momentum[i])
         self.memory[i], self.momentum[i] = _write_chunk(self.memory[i], self.momentum[i], k, v, eta, alpha, beta)
         self.pending[i], self.count[i] = [], 0
 
+    @staticmethod
+    def step_together(runners: list["FastLevelRunner"], i: int, x: Tensor) -> Tensor:
+        """`step` for B sequences at the same chunk offset, x (B, T, D) -> reads (B, T, D): one
+        projection, batched reads and writes (the training passes of the outer loop)."""
+        first = runners[0]
+        params, r, c, count = first.params, first.r, first.c, first.count[i]
+        if any(run.count[i] != count or run.params is not params for run in runners):
+            raise ValueError("step_together needs runners at the same chunk offset with the same parameters")
+        b, t, _ = x.shape
+        feats = params.project(i, x.reshape(b * t, -1)).view(b, t, -1)
+        memory = torch.stack([run.memory[i] for run in runners])
+        momentum = torch.stack([run.momentum[i] for run in runners])
+        open_chunk = torch.stack([torch.cat(run.pending[i]) for run in runners]) if count else feats[:, :0]
+        beta = torch.sigmoid(params.momentum[i])
+        reads, t0, surprise = [], 0, []
+        while t0 < t:
+            n = min(c - count, t - t0)
+            part = feats[:, t0:t0 + n]
+            reads.append(part[..., :r] @ memory.transpose(1, 2))
+            open_chunk = torch.cat([open_chunk, part], 1)
+            count, t0 = count + n, t0 + n
+            if count == c:
+                k, v = open_chunk[..., r:2 * r], open_chunk[..., 2 * r:3 * r]
+                surprise.append((k @ memory.transpose(1, 2) - v).pow(2).sum(-1).mean(-1).detach())
+                memory, momentum = _write_chunk(memory, momentum, k, v, open_chunk[..., 3 * r],
+                                                open_chunk[..., 3 * r + 1], beta)
+                open_chunk, count = feats[:, :0], 0
+        for j, run in enumerate(runners):
+            run.memory[i], run.momentum[i], run.count[i] = memory[j], momentum[j], count
+            run.pending[i] = [open_chunk[j]] if count else []
+            run._surprise += [s[j] for s in surprise]
+        return params.read(i, torch.cat(reads, 1)).to(x.dtype)
+
     def state(self) -> AssociativeState:
         r, c = self.r, self.c
-        open_chunk = [torch.cat(p) if p else torch.zeros(0, 3 * r + 2) for p in self.pending]
+        device = self.memory[0].device
+        open_chunk = [torch.cat(p) if p else torch.zeros(0, 3 * r + 2, device=device) for p in self.pending]
         padded = torch.stack([F.pad(f.detach(), (0, 0, 0, c - f.shape[0])) for f in open_chunk])  # (L, C, 3R+2)
         return AssociativeState(torch.stack(self.memory), torch.stack(self.momentum), padded[:, :, r:2 * r],
                                 padded[:, :, 2 * r:3 * r], padded[:, :, 3 * r], padded[:, :, 3 * r + 1],
@@ -285,10 +325,11 @@ class BatchLevels:
                 return x
             feats = params.project(slot, x[:, 0])  # (B, 3R + 2)
             reads = torch.cat([r.absorb(slot, feats[b:b + 1]) if isinstance(r, FastLevelRunner)
-                               else torch.zeros(1, params.spec.rank) for b, r in enumerate(self.fast)])
+                               else x.new_zeros(1, params.spec.rank, dtype=torch.float32)
+                               for b, r in enumerate(self.fast)])
             return x + params.read(slot, reads).to(x.dtype)[:, None]
         if self.layout is None:  # a cache-free (B, T) pass
-            return x + torch.stack([runner.step(slot, x[b]) for b, runner in enumerate(self.fast)])
+            return x + FastLevelRunner.step_together(self.fast, slot, x)
         reads = [runner.step(slot, x[0, s]) for runner, s in zip(self.fast, self._slices)]
         return x + torch.cat(reads)[None]
 

@@ -1,10 +1,14 @@
 """The outer loop: meta-train the fast level's learned parts with the backbone frozen.
 
-An episode is teach → ask: the teach segment (a user stating facts, padded to whole chunks)
-is written into the fast memory; then a *separate* pass — attention cannot see the teach
-tokens any more — answers a question about one fact, reading only the memory. The loss on the
-answer, plus next-token loss on general text with the memory on (so it does not hurt), trains
-the projections, rates and gate through the memory writes.
+An episode is teach → ask: the teach segment (a user stating facts, then unrelated text, padded
+to whole chunks) is written into the fast memory; then a *separate* pass — attention cannot see
+the teach tokens any more — answers a question about one fact, reading only the memory. The
+loss on the answer's value tokens, plus next-token loss on general text with the memory on (so
+reading it never hurts ordinary text), trains the projections, rates and gate through the
+memory writes. A third term keeps the memory from putting words in the model's mouth: after
+facts are written, chat questions they do not answer (general ones, and personal ones about
+attributes never taught) must still get the backbone's own replies. Episodes are batched: one
+step runs `batch` of each kind side by side.
 """
 
 from __future__ import annotations
@@ -19,15 +23,29 @@ from .backbone import Transformer
 from .levels import AssociativeState, BatchLevels, FastLevelRunner, FastMemory
 
 _ATTRIBUTES = ("favourite colour", "locker code", "cat's name", "home town", "employer", "boat's name",
-               "lucky number", "sister's name", "street", "car's name", "teacher's name", "password hint")
-_SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vo", "qui", "zan", "bel", "dor", "fe", "gru", "hal", "nix")
+               "lucky number", "sister's name", "street", "car's name", "teacher's name", "password hint",
+               "dentist's name", "gym", "bike's name", "grandmother's village", "pin", "horse's name",
+               "favourite band", "landlord's name", "flight number", "club", "nephew's name", "allergy")
+_SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vo", "qui", "zan", "bel", "dor", "fe", "gru", "hal", "nix",
+              "pra", "sul", "tem", "wy", "or", "eth")
+_STATE = ("My {a} is {v}.", "By the way, my {a} is {v}.", "Just so you know, my {a} is {v}.",
+          "Please remember that my {a} is {v}.", "Oh, and my {a}? It's {v}.")
+_GENERAL_QUESTIONS = (
+    "What is the capital of France?", "Write one sentence about dogs.", "How many legs does a spider have?",
+    "What is 12 plus 30?", "Give me a tip for sleeping better.", "What colour is the sky on a clear day?",
+    "Name a fruit that is yellow.", "What does a baker do?", "Explain what rain is in one sentence.",
+    "Say hello in French.", "What is the largest ocean?", "Suggest a name for a goldfish.",
+    "Why do leaves fall in autumn?", "What is the opposite of cold?", "Tell me a fun fact about the moon.",
+    "How do I boil an egg?", "What is a synonym for happy?", "Who wrote Romeo and Juliet?")
+_ASK = ("What is my {a}?", "Do you remember my {a}?", "Can you tell me my {a}?", "What's my {a} again?",
+        "Remind me, what is my {a}?")
 
 
 @dataclass(frozen=True)
 class Episode:
     teach: list[int]
     ask: list[int]
-    answer_mask: list[float]  # over ask[1:]: 1 where the target is an answer token
+    answer_mask: list[float]  # over ask[1:]: 1 where the target is a value token
 
 
 def _value(rng: random.Random) -> str:
@@ -36,62 +54,155 @@ def _value(rng: random.Random) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
-def make_episode(tokenizer, rng: random.Random, n_facts: int, chunk: int) -> Episode:
-    attrs = rng.sample(_ATTRIBUTES, n_facts)
-    facts = [(a, _value(rng)) for a in attrs]
-    statement = " ".join(f"My {a} is {v}." for a, v in facts)
+def make_episode(tokenizer, rng: random.Random, n_facts: int, chunk: int,
+                 distractor: list[int] | None = None, exclude: tuple[str, ...] = ()) -> Episode:
+    """`distractor`: token ids written after the facts (the memory must keep them past it);
+    `exclude`: attributes not to teach."""
+    facts = [(a, _value(rng)) for a in rng.sample([a for a in _ATTRIBUTES if a not in exclude], n_facts)]
+    statement = " ".join(rng.choice(_STATE).format(a=a, v=v) for a, v in facts)
     teach = tokenizer.encode_chat([{"role": "user", "content": statement}], add_generation_prompt=False)
+    teach += list(distractor or [])
     newline = tokenizer.encode("\n")[0]
     teach += [newline] * (-len(teach) % chunk)  # whole chunks: every fact is written before the ask
     attr, value = rng.choice(facts)
-    prompt = tokenizer.encode_chat([{"role": "user", "content": f"What is my {attr}?"}])
+    prompt = tokenizer.encode_chat([{"role": "user", "content": rng.choice(_ASK).format(a=attr)}])
     answer = tokenizer.encode(f"Your {attr} is {value}.")
     value_start = len(tokenizer.encode(f"Your {attr} is"))
     mask = [0.0] * (len(prompt) - 1) + [1.0 if i >= value_start else 0.0 for i in range(len(answer))]
     return Episode(teach, prompt + answer, mask)
 
 
+def control_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
+    """Chat prompts whose replies the memory must leave alone: general questions (attribute
+    None), and a personal question about each attribute (asked after other facts were taught)."""
+    questions = [(None, q) for q in _GENERAL_QUESTIONS]
+    questions += [(a, _ASK[i % len(_ASK)].format(a=a)) for i, a in enumerate(_ATTRIBUTES)]
+    return [(a, tokenizer.encode_chat([{"role": "user", "content": q}])) for a, q in questions]
+
+
+@torch.no_grad()
+def reference_replies(model: Transformer, prompts: list[list[int]], max_tokens: int, stop: set[int]) -> list[list[int]]:
+    """The backbone's greedy replies (no memory): what the memory must not change."""
+    device = _device(model)
+    out = []
+    for prompt in prompts:
+        seq = list(prompt)
+        for _ in range(max_tokens):
+            nxt = int(model(torch.tensor([seq], device=device))[0, -1].argmax())
+            seq.append(nxt)
+            if nxt in stop:
+                break
+        out.append(seq[len(prompt):])
+    return out
+
+
+def make_control_episode(tokenizer, rng: random.Random, n_facts: int, chunk: int, distractor: list[int] | None,
+                         attribute: str | None, prompt: list[int], reply: list[int]) -> Episode:
+    """Facts written, then a question they do not answer: the target is the backbone's reply."""
+    taught = make_episode(tokenizer, rng, n_facts, chunk, distractor, exclude=(attribute,) if attribute else ())
+    return Episode(taught.teach, prompt + reply, [0.0] * (len(prompt) - 1) + [1.0] * len(reply))
+
+
+def _device(model: Transformer) -> torch.device:
+    return model.embed_tokens.weight.device
+
+
+def _pad(rows: list[list], value) -> list[list]:
+    n = max(len(r) for r in rows)
+    return [r + [value] * (n - len(r)) for r in rows]
+
+
+def _with_memory(model: Transformer, fast: FastMemory, ids: torch.Tensor,
+                 runners: list[FastLevelRunner]) -> torch.Tensor:
+    layers = {layer: i for i, layer in enumerate(fast.spec.layers)}
+    return model(ids, BatchLevels({}, None, None, layers, runners))
+
+
+def episodes_loss(model: Transformer, fast: FastMemory, episodes: list[Episode], pad_id: int) -> torch.Tensor:
+    """Mean value-token loss of a batch of episodes (teach segments padded to the same chunks)."""
+    device = _device(model)
+    chunk = fast.spec.period_tokens
+    writers = [FastLevelRunner(fast, AssociativeState.zeros(fast.spec, device)) for _ in episodes]
+    teach = _pad([ep.teach for ep in episodes], pad_id)
+    assert len(teach[0]) % chunk == 0
+    _with_memory(model, fast, torch.tensor(teach, device=device), writers)
+    readers = [FastLevelRunner(fast, w.state()) for w in writers]
+    ids = torch.tensor(_pad([ep.ask for ep in episodes], pad_id), device=device)
+    mask = torch.tensor(_pad([ep.answer_mask for ep in episodes], 0.0), device=device)
+    logits = _with_memory(model, fast, ids, readers)
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return (losses * mask.flatten()).sum() / mask.sum()
+
+
 def episode_loss(model: Transformer, fast: FastMemory, ep: Episode) -> torch.Tensor:
-    layers = {layer: i for i, layer in enumerate(fast.spec.layers)}
-    writer = FastLevelRunner(fast, AssociativeState.zeros(fast.spec))
-    model(torch.tensor([ep.teach]), BatchLevels({}, None, None, layers, [writer]))
-    reader = FastLevelRunner(fast, writer.state())
-    ids = torch.tensor([ep.ask])
-    logits = model(ids, BatchLevels({}, None, None, layers, [reader]))
-    losses = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
-    mask = torch.tensor(ep.answer_mask)
-    return (losses * mask).sum() / mask.sum()
+    return episodes_loss(model, fast, [ep], 0)
 
 
-def general_loss(model: Transformer, fast: FastMemory, ids: list[int]) -> torch.Tensor:
-    layers = {layer: i for i, layer in enumerate(fast.spec.layers)}
-    runner = FastLevelRunner(fast, AssociativeState.zeros(fast.spec))
-    x = torch.tensor([ids])
-    logits = model(x, BatchLevels({}, None, None, layers, [runner]))
-    return F.cross_entropy(logits[0, :-1].float(), x[0, 1:])
+def general_loss(model: Transformer, fast: FastMemory | None, windows: list[list[int]]) -> torch.Tensor:
+    """Next-token loss on equal-length windows of ordinary text, each with a fresh memory that
+    it writes as it goes (None: the backbone alone)."""
+    x = torch.tensor(windows, device=_device(model))
+    if fast is None:
+        logits = model(x)
+    else:
+        runners = [FastLevelRunner(fast, AssociativeState.zeros(fast.spec, x.device)) for _ in windows]
+        logits = _with_memory(model, fast, x, runners)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
 
 
-def held_out_loss(model: Transformer, fast: FastMemory, tokenizer, facts: int, episodes: int) -> float:
-    """Mean answer loss on fixed held-out episodes (seeds never used in training)."""
-    eps = [make_episode(tokenizer, random.Random(10_000 + i), facts, fast.spec.period_tokens) for i in range(episodes)]
-    with torch.no_grad():
-        return sum(float(episode_loss(model, fast, ep)) for ep in eps) / len(eps)
+def held_out_episodes(tokenizer, facts: int, count: int, chunk: int,
+                      distractors: list[list[int]] | None = None) -> list[Episode]:
+    """Fixed episodes from seeds never used in training."""
+    out = []
+    for i in range(count):
+        d = distractors[i % len(distractors)] if distractors else None
+        out.append(make_episode(tokenizer, random.Random(10_000 + i), facts, chunk, d))
+    return out
 
 
-def meta_train(model: Transformer, fast: FastMemory, tokenizer, general_ids: list[int], steps: int, lr: float,
-               facts: int, general_weight: float, seed: int, on_step=None) -> FastMemory:
+@torch.no_grad()
+def held_out_loss(model: Transformer, fast: FastMemory, episodes: list[Episode], batch: int = 8) -> float:
+    losses = [float(episodes_loss(model, fast, episodes[i:i + batch], 0)) for i in range(0, len(episodes), batch)]
+    return sum(losses) / len(losses)
+
+
+def windows_of(ids: list[int], length: int) -> list[list[int]]:
+    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+
+
+def meta_train(model: Transformer, fast: FastMemory, tokenizer, general: list[list[int]], steps: int, lr: float,
+               facts: int, general_weight: float, seed: int, batch: int = 1, on_step=None,
+               should_stop=None, controls: list[tuple[str | None, list[int], list[int]]] = (),
+               control_weight: float = 0.0) -> FastMemory:
     """Adam on the fast level's learned parameters over generated episodes (in place on `fast`,
-    which is also returned); `on_step(step, loss, gate)` reports progress."""
+    which is also returned). `general`: equal-length windows of ordinary text, used both as
+    distractors inside episodes and for the general-text loss. `controls`: (attribute, prompt,
+    backbone reply) for the control term. `on_step(step, loss, gate)` reports progress;
+    `should_stop()` ends training early (a time budget)."""
     rng = random.Random(seed)
     fast.requires_grad_(True)
     opt = torch.optim.Adam(fast.parameters(), lr=lr)
+    chunk = fast.spec.period_tokens
+    pad = tokenizer.encode("\n")[0]
+
+    def distractor() -> list[int]:
+        return rng.choice(general)[:rng.randint(0, 4) * chunk]
+
     for step in range(1, steps + 1):
-        ep = make_episode(tokenizer, rng, facts, fast.spec.period_tokens)
-        loss = episode_loss(model, fast, ep) + general_weight * general_loss(model, fast, general_ids)
+        eps = [make_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor()) for _ in range(batch)]
+        loss = episodes_loss(model, fast, eps, pad)
+        if general_weight:
+            loss = loss + general_weight * general_loss(model, fast, rng.sample(general, min(batch, len(general))))
+        if control_weight and controls:
+            ctl = [make_control_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor(), *rng.choice(controls))
+                   for _ in range(batch)]
+            loss = loss + control_weight * episodes_loss(model, fast, ctl, pad)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(fast.parameters(), 1.0)
         opt.step()
         if on_step is not None:
-            on_step(step, float(loss), torch.tanh(fast.gate).tolist())
+            on_step(step, float(loss.detach()), torch.tanh(fast.gate.detach()).tolist())
+        if should_stop is not None and should_stop():
+            break
     return fast.requires_grad_(False)

@@ -188,3 +188,21 @@ def test_fast_level_in_a_batch_matches_each_session_alone():
     # Equal up to float rounding: a batched matmul may sum in another order than a single row.
     torch.testing.assert_close(fast_together.memory, fast_alone.memory, atol=1e-6, rtol=1e-5)
     assert float(fast_alone.memory.norm()) > 0  # it did write
+
+
+def test_sequences_written_together_equal_each_written_alone(tiny):
+    """The outer loop's batched pass (`step_together`) reads and writes as per-sequence steps do."""
+    from nsam.model.levels import AssociativeState
+
+    fast = _open_fast(tiny)
+    x = torch.randn(3, 45, tiny.model.config.dim, generator=torch.Generator().manual_seed(2))
+    together = [FastLevelRunner(fast, AssociativeState.zeros(fast.spec)) for _ in range(3)]
+    alone = [FastLevelRunner(fast, AssociativeState.zeros(fast.spec)) for _ in range(3)]
+    with torch.no_grad():
+        for piece in (x[:, :20], x[:, 20:]):  # across a chunk boundary, with an open chunk carried
+            got = FastLevelRunner.step_together(together, 0, piece)
+            want = torch.stack([run.step(0, piece[b]) for b, run in enumerate(alone)])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.state().memory, b.state().memory, atol=1e-6, rtol=0)
+        assert a.surprise == pytest.approx(b.surprise, abs=1e-5) and len(a.surprise) == 1
