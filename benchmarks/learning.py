@@ -44,7 +44,7 @@ from episodes import FILLER, make_episodes, make_long_user, matches  # noqa: E40
 
 from nsam.model.consolidation import probe_loss  # noqa: E402
 from nsam.model.runtime import NsamModel, SamplingParams  # noqa: E402
-from nsam.model.updates import TrainingExample, update_on_examples  # noqa: E402
+from nsam.model.updates import TrainingExample, levels_loss, update_on_examples  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_GENERAL = REPO.parent / "shared" / "data" / "general_english.txt"
@@ -151,9 +151,11 @@ def mean_loss(m: NsamModel, ids: list[int], user_level=None, chunk: int = 1024) 
 
 
 def online_ppl(m: NsamModel, docs: list[Path], doc_tokens: int, chunk: int, offset: int) -> dict:
-    """Dynamic evaluation: per document, loss on each chunk with the medium level as updated on
-    the chunks before it, vs the frozen model on the same chunks (each chunk scored alone)."""
+    """Dynamic evaluation: per document, the loss on each chunk with the levels as the chunks
+    before it left them (the fast level wrote them, the medium level learnt from them), vs the
+    frozen model on the same chunks. Attention sees one chunk at a time in both."""
     spec = m.levels.get("medium")
+    fast = m.fast_params
     frozen_total = online_total = 0.0
     n = 0
     per_doc = {}
@@ -161,20 +163,21 @@ def online_ppl(m: NsamModel, docs: list[Path], doc_tokens: int, chunk: int, offs
     for path in docs:
         ids = m.tokenizer.encode(path.read_text(encoding="utf-8"))
         ids = ids[offset:offset + doc_tokens] if len(ids) > offset + doc_tokens else ids[:doc_tokens]
-        state = m._new_level("medium")
+        medium = m._new_level("medium")
+        fast_state = m._new_level("fast") if fast is not None else None
         f_sum = o_sum = 0.0
         k = 0
         for i in range(0, len(ids) - 1, chunk):
             piece = ids[i:i + chunk]
             if len(piece) < 16:
                 break
-            f = probe_loss(m.model, spec, [], piece)
-            o = probe_loss(m.model, spec, [state], piece)
+            f, _ = levels_loss(m.model, spec, [], None, None, piece)
+            o, fast_state = levels_loss(m.model, spec, [medium], fast, fast_state, piece)
             f_sum += f * (len(piece) - 1)
             o_sum += o * (len(piece) - 1)
             k += len(piece) - 1
             t0 = time.perf_counter()
-            state, _ = update_on_examples(m.model, spec, state, [], [TrainingExample(piece, [1.0] * (len(piece) - 1))])
+            medium, _ = update_on_examples(m.model, spec, medium, [], [TrainingExample(piece, [1.0] * (len(piece) - 1))])
             update_seconds += time.perf_counter() - t0
         per_doc[path.name] = {"frozen_ppl": math.exp(f_sum / k), "online_ppl": math.exp(o_sum / k), "tokens": k}
         log(f"  {path.name}: frozen ppl {math.exp(f_sum / k):.2f}, online {math.exp(o_sum / k):.2f}")
@@ -209,6 +212,21 @@ def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states:
             upd_tokens += len(m.tokenizer.encode_chat(history[rid][-2:], add_generation_prompt=False))
         log(f"  turn {t + 1}: {len(reqs)} replies, e.g. {out[episodes[0].user][0][:70]!r}")
     return states, history, upd_seconds, upd_tokens
+
+
+def filler_leakage(episodes, history: dict[str, list[dict]]) -> tuple[float, list[str]]:
+    """Replies to the ordinary (filler) turns of session 1 that contain one of the user's taught
+    values: a level that rehearses facts must not recite them in unrelated answers."""
+    leaked, replies = 0, []
+    for e in episodes:
+        values = [f.value for f in e.facts]
+        msgs = history[e.user]
+        for i in range(0, len(msgs) - 1, 2):
+            if msgs[i]["content"] in e.filler:
+                reply = msgs[i + 1]["content"]
+                replies.append(reply)
+                leaked += any(matches(reply, v) for v in values)
+    return leaked / max(len(replies), 1), replies
 
 
 def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
@@ -304,7 +322,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256, help="attention window (prompt tokens) in sessions")
     ap.add_argument("--forgetting-sessions", type=int, default=20)
     ap.add_argument("--general-tokens", type=int, default=4096)
-    ap.add_argument("--doc-tokens", type=int, default=1024, help="tokens per document (online ppl)")
+    ap.add_argument("--doc-tokens", type=int, default=2048, help="tokens per document (online ppl)")
     ap.add_argument("--max-docs", type=int, default=7)
     ap.add_argument("--chunk", type=int, default=256, help="chunk size of the online evaluation")
     ap.add_argument("--batch", type=int, default=24, help="generator max batch")
@@ -342,6 +360,10 @@ def main() -> None:
     states, history, upd_s, upd_tok = teach_sessions(m, chat, episodes, args.window,
                                                      {e.user: fresh_user for e in episodes})
     details["teach_seconds"] = time.perf_counter() - t0
+    leak, filler_replies = filler_leakage(episodes, history)
+    details["filler_replies_with_taught_value"] = leak
+    details["filler_reply_examples"] = filler_replies[:6]
+    log(f"filler replies containing a taught value: {leak:.0%}")
     session_state_bytes = len(states[episodes[0].user])
 
     # 2) in-session recall: facts out of the window, same session state.

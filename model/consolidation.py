@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from .backbone import Transformer
 from .levels import LevelSpec, LoraState
-from .updates import TrainingExample, _batch, guard, lora_logits, lora_logits_at, token_losses, train_lora
+from .updates import (LevelReport, TrainingExample, _batch, guard, lora_logits, lora_logits_at, token_losses,
+                      train_lora, update_on_examples)
 
 
 @dataclass(frozen=True)
@@ -100,16 +101,100 @@ def chat_example(tokenizer, messages: list[dict[str, str]], train_roles: tuple[s
     return TrainingExample(ids, weights[1:])
 
 
-def turn_examples(tokenizer, turn: list[dict[str, str]]) -> list[TrainingExample]:
-    """What the medium level could learn from one turn: the user's message in context, plus a
-    question→answer pair for each fact it states (statement training alone does not carry over
-    to questions). For `NsamModel.update_medium`; the in-session recall figure needs it."""
-    examples = [chat_example(tokenizer, turn, ("user",))]
-    text = "\n".join(m["content"] for m in turn if m["role"] == "user")
-    for f in extract_facts(text):
-        examples += [chat_example(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": f.answer}],
-                                  ("assistant",)) for q in f.questions[:2]]
-    return examples
+# A turn's rehearsal: weight of the KL anchor (general text, parent levels as reference), and
+# of the on-policy negatives taken halfway through its steps.
+TURN_KL_WEIGHT = 10.0
+TURN_NEGATIVE_WEIGHT = 1.0
+TURN_ANCHOR_TOKENS = 96  # a turn's update must stay cheap: a CPU trains ~50 tokens/s per thread
+# Owners for near-miss questions ("my sister's name" taught -> "my cousin's name?" must not get it).
+_RELATIONS = ("cousin", "aunt", "best friend", "colleague", "partner", "daughter", "son", "boss", "flatmate")
+
+
+# Ordinary chat questions: after a rehearsal the level must still answer these as its parent does.
+GENERAL_QUESTIONS = (
+    "What is the capital of France?", "Write one sentence about dogs.", "How many legs does a spider have?",
+    "What is 12 plus 30?", "What is the boiling point of water?", "What colour is the sky on a clear day?",
+    "Name a fruit that is yellow.", "What does a baker do?", "Explain what rain is in one sentence.",
+    "Say hello in French.", "What is the largest ocean?", "Suggest a name for a goldfish.",
+    "Why do leaves fall in autumn?", "What is the opposite of cold?", "Tell me a fun fact about the moon.",
+    "Name three primary colours.", "What is a synonym for happy?", "Who wrote Romeo and Juliet?")
+
+
+def near_miss_questions(facts: list[Fact], taught: set[str], n: int) -> list[str]:
+    """Questions that look like the taught ones but ask for something never taught: the same
+    slot with another owner, then common personal attributes."""
+    out = []
+    for i, f in enumerate(facts):
+        if f.key.endswith("'s name"):
+            owners = [r for r in _RELATIONS if f"{r}'s name" not in taught]
+            out.append(f"What is my {owners[(len(f.answer) + i) % len(owners)]}'s name?")
+    out += _untaught_questions(taught, n)
+    return out[:n]
+
+
+def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState, frozen: list[LoraState],
+               messages: list[dict[str, str]], anchor_ids: list[int]) -> tuple[LoraState, LevelReport]:
+    """The medium level after one turn; `messages` is the session so far, ending with the
+    user's message and the reply. Two jobs, two rates: a message that states facts is rehearsed
+    as question→answer pairs (statement training alone does not carry over to questions),
+    together with the session's earlier facts so they are not overwritten, for
+    `spec.rehearsal_steps` at `spec.rehearsal_lr` under a KL anchor to the parent levels on
+    general text; any other message is a gentle next-token update (`spec.steps` at `spec.lr`)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    turn = system + messages[-2:]
+    new_facts = extract_facts(users[-1]) if users else []
+    if not new_facts or not spec.rehearsal_steps:
+        return update_on_examples(model, spec, state, frozen, [chat_example(tokenizer, turn, ("user",))])
+    started = time.perf_counter()
+    keys = {f.key for f in new_facts}
+    earlier = [f for f in extract_facts("\n".join(users[-20:-1])) if f.key not in keys]
+
+    def qa(f: Fact, form: int) -> TrainingExample:
+        return chat_example(tokenizer, [{"role": "user", "content": f.questions[form % len(f.questions)]},
+                                        {"role": "assistant", "content": f.answer}], ("assistant",))
+
+    forms = max(len(f.questions) for f in new_facts)
+    rounds = [_selected([qa(f, r) for f in new_facts for r in range(forms)] + [qa(f, r) for f in earlier])
+              for r in range(forms)]
+    anchor = torch.tensor([anchor_ids[:TURN_ANCHOR_TOKENS]])
+    anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
+    chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
+    with torch.inference_mode():
+        ref = F.log_softmax(_parent_logits(model, spec, frozen, state, anchor)[anchor_sel].float(), -1)
+        chat_ref = F.log_softmax(_parent_logits(model, spec, frozen, state, chat_ids)[chat_sel].float(), -1)
+    step, negatives = [0], [None]
+
+    def objective(logits_fn):
+        ids, select, targets, weights = rounds[step[0] % len(rounds)]
+        step[0] += 1
+        losses = F.cross_entropy(logits_fn(ids, select).float(), targets, reduction="none")
+        answer = (losses * weights).sum() / weights.sum()
+        loss = answer + TURN_KL_WEIGHT * (_kl(logits_fn(anchor, anchor_sel), ref, None)
+                                          + _kl(logits_fn(chat_ids, chat_sel), chat_ref, chat_w))
+        if negatives[0] is not None:
+            n_ids, n_select, n_weights, n_ref = negatives[0]
+            loss = loss + TURN_NEGATIVE_WEIGHT * _kl(logits_fn(n_ids, n_select), n_ref, n_weights)
+        return loss, float(answer.detach())
+
+    half = spec.rehearsal_steps // 2
+    new, surprise = train_lora(model, spec, state, frozen, objective, half, spec.rehearsal_lr)
+    taught = {f.key for f in new_facts + earlier}
+    general = [GENERAL_QUESTIONS[len(users) % len(GENERAL_QUESTIONS)]]
+    negatives[0] = _on_policy_negatives(model, tokenizer, spec, frozen + [new], frozen,
+                                        near_miss_questions(new_facts, taught, 1) + general, 10)
+    new, _ = train_lora(model, spec, new, frozen, objective, spec.rehearsal_steps - half, spec.rehearsal_lr)
+    return guard(spec, state, new, None, surprise, started)
+
+
+def _parent_logits(model: Transformer, spec: LevelSpec, frozen: list[LoraState], like: LoraState,
+                   ids: torch.Tensor) -> torch.Tensor:
+    """Logits with only the parent (frozen) levels applied."""
+    if not frozen:
+        return model(ids)
+    zero_a = like.a.new_zeros(len(spec.layers), 0, like.a.shape[-1])
+    zero_b = like.b.new_zeros(len(spec.layers), like.b.shape[1], 0)
+    return lora_logits(model, spec, frozen, zero_a, zero_b, ids)
 
 
 def _greedy(model: Transformer, ids: list[int], n: int, eos: tuple[int, ...]) -> list[int]:
@@ -138,6 +223,20 @@ def _frozen(model: Transformer, key: tuple, compute):
     return cache[key]
 
 
+def chat_anchor(model: Transformer, tokenizer, count: int = 2, tokens: int = 40) -> list[TrainingExample]:
+    """The frozen model's own greedy replies to ordinary questions (computed once per model),
+    weighted on the reply: KL along them keeps a level from changing how the assistant answers
+    everything else (a rehearsed fact otherwise leaks into unrelated replies)."""
+    def compute():
+        out = []
+        for q in GENERAL_QUESTIONS[-count:]:
+            prompt = tokenizer.encode_chat([{"role": "user", "content": q}])
+            reply = _greedy(model, prompt, tokens, tokenizer.eos_token_ids)
+            out.append(TrainingExample(prompt + reply, [0.0] * (len(prompt) - 1) + [1.0] * len(reply)))
+        return out
+    return _frozen(model, ("chat-anchor", count, tokens), compute)
+
+
 def _answer_logprobs(model: Transformer, example: TrainingExample) -> torch.Tensor:
     """Frozen log-probabilities (K, V) at the weighted positions of one example."""
     ids, select, _, _ = _selected([example])
@@ -145,22 +244,42 @@ def _answer_logprobs(model: Transformer, example: TrainingExample) -> torch.Tens
         return F.log_softmax(model(ids)[select].float(), -1)
 
 
-def _greedy_level(model: Transformer, spec: LevelSpec, level: LoraState, ids: list[int], n: int,
+def _greedy_level(model: Transformer, spec: LevelSpec, levels: list[LoraState], ids: list[int], n: int,
                   eos: tuple[int, ...]) -> list[int]:
-    """Greedy continuation with a LoRA level applied (no cache: short answers only)."""
-    zero_a = torch.zeros(len(spec.layers), 0, level.a.shape[-1])
-    zero_b = torch.zeros(len(spec.layers), level.b.shape[1], 0)
+    """Greedy continuation with LoRA levels applied (no cache: short answers only)."""
+    zero_a = levels[0].a.new_zeros(len(spec.layers), 0, levels[0].a.shape[-1])
+    zero_b = levels[0].b.new_zeros(len(spec.layers), levels[0].b.shape[1], 0)
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(n):
             x = torch.tensor([ids + out])
             select = torch.zeros_like(x, dtype=torch.bool)
             select[0, -1] = True
-            nxt = int(lora_logits_at(model, spec, [level], zero_a, zero_b, x, select)[0].argmax())
+            nxt = int(lora_logits_at(model, spec, levels, zero_a, zero_b, x, select)[0].argmax())
             if nxt in eos:
                 break
             out.append(nxt)
     return out
+
+
+def _on_policy_negatives(model: Transformer, tokenizer, spec: LevelSpec, levels: list[LoraState],
+                         parent: list[LoraState], questions: list[str], tokens: int):
+    """Answer `questions` (about things never taught) with `levels`, and return what pulls the
+    level towards its parent along those answers: (ids, select, weights, parent log-probs),
+    or None. Where a taught value leaks into an untaught slot, the parent's distribution at
+    that position pushes it down (LEARNING.md: the first thing that moved false binding)."""
+    examples = []
+    for q in questions:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": q}])
+        answer = _greedy_level(model, spec, levels, prompt, tokens, tokenizer.eos_token_ids)
+        if answer:
+            examples.append(TrainingExample(prompt + answer, [0.0] * (len(prompt) - 1) + [1.0] * len(answer)))
+    if not examples:
+        return None
+    ids, select, _, weights = _selected(examples)
+    with torch.inference_mode():
+        ref = F.log_softmax(_parent_logits(model, spec, parent, levels[-1], ids)[select].float(), -1)
+    return ids, select, weights, ref
 
 
 def _untaught_questions(taught: set[str], n: int) -> list[str]:
@@ -243,9 +362,11 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     anchor = torch.tensor([anchor_ids])
     anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
     neg = _selected(negatives) if negatives else None
+    chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
     with torch.inference_mode():
         anchor_ref = _frozen(model, ("logprobs", tuple(anchor_ids)),
                              lambda: F.log_softmax(model(anchor)[anchor_sel].float(), -1))
+        chat_ref = _frozen(model, ("chat-anchor-logprobs",), lambda: F.log_softmax(model(chat_ids)[chat_sel].float(), -1))
         neg_ref = torch.cat([_frozen(model, ("answer-logprobs", tuple(e.ids)), lambda e=e: _answer_logprobs(model, e))
                              for e in negatives]) if neg is not None else None
 
@@ -258,7 +379,8 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             mean = (losses * weights).sum() / weights.sum().clamp_min(1e-6)
             loss = loss + w * mean
             surprise += float(mean.detach()) * w
-        loss = loss + config.kl_weight * _kl(logits_fn(anchor, anchor_sel), anchor_ref, None)
+        loss = loss + config.kl_weight * (_kl(logits_fn(anchor, anchor_sel), anchor_ref, None)
+                                          + _kl(logits_fn(chat_ids, chat_sel), chat_ref, chat_w))
         if neg is not None:
             loss = loss + config.untaught_weight * _kl(logits_fn(neg[0], neg[1]), neg_ref, neg[3])
         return loss, surprise
@@ -281,7 +403,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         if done < config.steps and untaught_prompts:
             examples = []
             for prompt in untaught_prompts:
-                answer = _greedy_level(model, spec, new, prompt, config.on_policy_tokens, tokenizer.eos_token_ids)
+                answer = _greedy_level(model, spec, [new], prompt, config.on_policy_tokens, tokenizer.eos_token_ids)
                 if answer:
                     examples.append(TrainingExample(prompt + answer, [0.0] * (len(prompt) - 1) + [1.0] * len(answer)))
             if examples:

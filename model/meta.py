@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Transformer
+from .consolidation import GENERAL_QUESTIONS
 from .levels import AssociativeState, BatchLevels, FastLevelRunner, FastMemory
 
 _ATTRIBUTES = ("favourite colour", "locker code", "cat's name", "home town", "employer", "boat's name",
@@ -30,13 +31,6 @@ _SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vo", "qui", "zan", "bel", "dor", 
               "pra", "sul", "tem", "wy", "or", "eth")
 _STATE = ("My {a} is {v}.", "By the way, my {a} is {v}.", "Just so you know, my {a} is {v}.",
           "Please remember that my {a} is {v}.", "Oh, and my {a}? It's {v}.")
-_GENERAL_QUESTIONS = (
-    "What is the capital of France?", "Write one sentence about dogs.", "How many legs does a spider have?",
-    "What is 12 plus 30?", "Give me a tip for sleeping better.", "What colour is the sky on a clear day?",
-    "Name a fruit that is yellow.", "What does a baker do?", "Explain what rain is in one sentence.",
-    "Say hello in French.", "What is the largest ocean?", "Suggest a name for a goldfish.",
-    "Why do leaves fall in autumn?", "What is the opposite of cold?", "Tell me a fun fact about the moon.",
-    "How do I boil an egg?", "What is a synonym for happy?", "Who wrote Romeo and Juliet?")
 _ASK = ("What is my {a}?", "Do you remember my {a}?", "Can you tell me my {a}?", "What's my {a} again?",
         "Remind me, what is my {a}?")
 
@@ -75,7 +69,7 @@ def make_episode(tokenizer, rng: random.Random, n_facts: int, chunk: int,
 def control_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
     """Chat prompts whose replies the memory must leave alone: general questions (attribute
     None), and a personal question about each attribute (asked after other facts were taught)."""
-    questions = [(None, q) for q in _GENERAL_QUESTIONS]
+    questions = [(None, q) for q in GENERAL_QUESTIONS]
     questions += [(a, _ASK[i % len(_ASK)].format(a=a)) for i, a in enumerate(_ATTRIBUTES)]
     return [(a, tokenizer.encode_chat([{"role": "user", "content": q}])) for a, q in questions]
 

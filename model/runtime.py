@@ -10,22 +10,21 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import config as configs
 from .backbone import Transformer
-from .consolidation import ConsolidationConfig, ConsolidationReport, consolidate, turn_examples
+from .consolidation import ConsolidationConfig, ConsolidationReport, consolidate, learn_turn
 from .generation import Generator as _Generator
 from .generation import TokenEvent
-from .levels import FastMemory, LevelsConfig, LoraState, default_levels, new_state
+from .levels import FastMemory, LevelsConfig, default_levels, new_state
 from .loading import load
 from .sampling import SamplingParams
 from .state import MemoryState, StateError, user_snapshot
 from .tokenizer import ByteTokenizer
-from .updates import LevelReport, update_on_examples
+from .updates import LevelReport
 
 __all__ = ["NsamModel", "Generator", "SamplingParams", "TokenEvent", "LevelReport",
            "ConsolidationReport", "StateError"]
@@ -47,7 +46,7 @@ def _load_trained_fast(fast: FastMemory, model_fingerprint: str) -> bool:
         return False
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        if meta.get("model") != model_fingerprint or meta.get("spec") != repr(fast.spec):
+        if meta.get("model") != model_fingerprint or meta.get("spec") != fast.compat_key():
             return False
         fast.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
     return True
@@ -136,15 +135,14 @@ class NsamModel:
 
     def update_medium(self, session_state: bytes, messages: list[dict[str, str]]
                       ) -> tuple[bytes, list[LevelReport]]:
-        """After a reply: the medium level learns from the user's last message (in context) and
-        rehearses a question→answer pair for each fact it states."""
+        """After a reply; `messages` is the session so far, ending with the user's message and the
+        reply. A message that states facts is rehearsed as questions and answers (with the
+        session's earlier facts); any other is learnt as text (`consolidation.learn_turn`)."""
         state = self._read(session_state, "session")
         spec = self.levels.get("medium")
-        system = messages[:1] if messages and messages[0]["role"] == "system" else []
-        turn = system + (messages[-2:] if len(messages) >= 2 else messages)
         frozen = [state.levels["user"]] if "user" in state.levels else []
-        new, report = update_on_examples(self.model, spec, state.levels["medium"], frozen,
-                                         turn_examples(self.tokenizer, turn))
+        new, report = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], frozen, messages,
+                                 self.anchor_ids)
         if report.accepted:
             drift = float(torch.linalg.matrix_norm(new.b @ new.a).norm())  # parent = user level (separate delta)
             report = LevelReport(**{**report.__dict__, "drift": drift})

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from nsam.server import metrics
@@ -401,10 +401,10 @@ class Engine:
         if not self.settings.learning:
             return None, False
         self.levels.record(end.reports)
-        system = [m for m in session.transcript[:1] if m["role"] == "system"]
-        turn = system + [{"role": "user", "content": message},
-                         {"role": "assistant", "content": reply}]
-        state, reports = await self.learner.call(self.learner.model.update_medium, end.state, turn)
+        # The whole session: a turn that states facts is rehearsed with the session's earlier ones.
+        messages = session.transcript + [{"role": "user", "content": message},
+                                         {"role": "assistant", "content": reply}]
+        state, reports = await self.learner.call(self.learner.model.update_medium, end.state, messages)
         self.levels.record(reports)
         return state, True
 

@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
 
         out = Path(nsam.model.__file__).parent / "presets" / "fast_memory.safetensors"
     tensors = {k: v.detach().cpu().contiguous() for k, v in fast.state_dict().items()}
-    save_file(tensors, str(out), metadata={"model": nsam.model.config.fingerprint(), "spec": repr(fast.spec)})
+    save_file(tensors, str(out), metadata={"model": nsam.model.config.fingerprint(), "spec": fast.compat_key()})
     print(json.dumps({"backbone": backbone, "before": before, "after": after, "steps": args.steps,
                       "seconds": time.perf_counter() - started, "out": str(out)}), flush=True)
     return 0
