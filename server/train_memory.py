@@ -48,6 +48,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("fast_memory.safetensors"))
     parser.add_argument("--install", action="store_true", help="write into the package's presets")
+    parser.add_argument("--read-scale", type=float, default=1.0,
+                        help="scale the trained read gates before saving (chat re-prefills its history each "
+                             "turn, so it is written again; the default preset ships at 0.25)")
     args = parser.parse_args(argv)
 
     import torch
@@ -117,8 +120,11 @@ def main(argv: list[str]) -> int:
         import nsam.model
 
         out = Path(nsam.model.__file__).parent / "presets" / "fast_memory.safetensors"
+    with torch.no_grad():
+        fast.gate.copy_(torch.atanh(torch.tanh(fast.gate) * args.read_scale))
     tensors = {k: v.detach().cpu().contiguous() for k, v in fast.state_dict().items()}
-    save_file(tensors, str(out), metadata={"model": nsam.model.config.fingerprint(), "spec": fast.compat_key()})
+    save_file(tensors, str(out), metadata={"model": nsam.model.config.fingerprint(), "spec": fast.compat_key(),
+                                                "read_scale": str(args.read_scale)})
     print(json.dumps({"backbone": backbone, "before": before, "after": after, "steps": args.steps,
                       "seconds": time.perf_counter() - started, "out": str(out)}), flush=True)
     return 0
