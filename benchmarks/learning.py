@@ -239,6 +239,7 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
     chat = Chat(m, 2, learning=True)
     user = m.new_user_state()
     accepted = 0
+    milestones: dict[int, float] = {}
     sessions = make_long_user(args.forgetting_sessions, 2, seed=args.seed + 1)
     for s, facts in enumerate(sessions):
         state = m.new_session_state(user)
@@ -251,12 +252,16 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
         user, rep = m.consolidate(user, state, hist)
         accepted += rep.accepted
         log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason} ({rep.seconds:.0f}s)")
+        if s + 1 in (5, 10) and s + 1 < len(sessions):  # milestones: a long chain can be cut short
+            mid = mean_loss(m, general, m._read(user, "user").levels["user"])
+            milestones[s + 1] = math.exp(mid) / math.exp(base_loss) - 1
+            log(f"  [forgetting] after {s + 1} sessions: {milestones[s + 1]:+.2%}")
     level = m._read(user, "user").levels["user"]
     after = mean_loss(m, general, level)
     forgetting = math.exp(after) / math.exp(base_loss) - 1
     log(f"forgetting {forgetting:+.2%} after {len(sessions)} sessions ({accepted} accepted) "
         f"[{time.perf_counter() - t0:.0f}s]")
-    return forgetting, {"sessions": len(sessions), "accepted": accepted, "tokens": len(general),
+    return forgetting, {"sessions": len(sessions), "accepted": accepted, "tokens": len(general), "milestones": milestones,
                         "ppl_before": math.exp(base_loss), "ppl_after": math.exp(after),
                         "seconds": time.perf_counter() - t0}
 
