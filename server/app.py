@@ -21,7 +21,7 @@ from nsam.protos import nsam_pb2 as pb
 from nsam.protos import nsam_pb2_grpc as pb_grpc
 from nsam.server.auth import ApiKeys
 from nsam.server.engine import Engine, LevelBook, ModelThread
-from nsam.server.errors import StatusInterceptor
+from nsam.server.errors import StatusInterceptor, Unavailable
 from nsam.server.service import AdminService, ChatService, MemoryService
 from nsam.server.settings import Settings
 from nsam.server.store import StateStore
@@ -54,6 +54,7 @@ class NsamServer:
     health: health.aio.HealthServicer
     worker: ConsolidationWorker | None = None
     worker_task: asyncio.Task | None = None
+    health_task: asyncio.Task | None = None
     stopped: bool = False
 
     @classmethod
@@ -103,21 +104,45 @@ class NsamServer:
         else:
             port = server.add_insecure_port(address)
         await server.start()
-        for name in ["", *SERVICES]:
+        # "liveness" stays SERVING through a store outage (a restart would not fix the store);
+        # the others follow it (`_follow_store`). All turn NOT_SERVING when draining.
+        for name in ["", *SERVICES, "liveness"]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         self = cls(settings, port, store, threads, engine, server, health_servicer)
+        self.health_task = asyncio.create_task(self._follow_store(), name="nsam-health")
         if inprocess:
             self.worker = ConsolidationWorker(store, consolidator, settings.consumer_name,
                                               settings.claim_idle_ms)
             self.worker_task = asyncio.create_task(self.worker.run(), name="nsam-consolidation")
         return self
 
+    async def _follow_store(self) -> None:
+        """Health says NOT_SERVING while the state store is unreachable (every RPC would fail
+        with UNAVAILABLE), so load balancers and Kubernetes send traffic elsewhere."""
+        serving = True
+        while not self.stopped:
+            await asyncio.sleep(self.settings.health_check_interval_s)
+            try:
+                await self.store.ping()
+                ok = True
+            except Unavailable:
+                ok = False
+            if ok != serving and not self.stopped:
+                serving = ok
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ["", *SERVICES]:
+                    await self.health.set(name, status)
+                log.warning("state store %s: health %s", "reachable again" if ok else "unreachable",
+                            "SERVING" if ok else "NOT_SERVING")
+
     async def stop(self, grace: float | None = None) -> None:
         if self.stopped:
             return
         self.stopped = True
         grace = self.settings.shutdown_grace_s if grace is None else grace
+        if self.health_task is not None:
+            self.health_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)  # refuses new RPCs, lets turns in flight finish
         if self.worker is not None:

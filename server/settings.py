@@ -59,6 +59,7 @@ class Settings:
     consolidate_every_turns: int = 0      # 0 = consolidate at session end only
     claim_idle_ms: int = 60_000           # reclaim jobs of a worker silent this long
     shutdown_grace_s: float = 30.0
+    health_check_interval_s: float = 5.0  # gRPC health follows a store ping this often
     consumer_name: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
     limits: Limits = Limits()
 

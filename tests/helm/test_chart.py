@@ -128,8 +128,10 @@ def test_selectors_match_their_pods(render, scenario):
 
 def test_server_probes_use_grpc_health(render):
     server = one(render({}), "Deployment", "-server")["spec"]["template"]["spec"]["containers"][0]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert server[probe]["grpc"] == {"port": 50051}
+    # a Redis outage takes replicas out of the Service but does not restart them
+    assert server["livenessProbe"]["grpc"] == {"port": 50051, "service": "liveness"}
     assert "--host=0.0.0.0" in server["args"] and server["args"][:2] == ["--log-level=$(NSAM_LOG_LEVEL)", "serve"]
     assert "--consolidation=$(NSAM_CONSOLIDATION)" in server["args"]
     assert "nvidia.com/gpu" not in server["resources"].get("limits", {})

