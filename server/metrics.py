@@ -8,6 +8,8 @@ The Grafana dashboard and alert rules in `helm/nsam/` use exactly these names.
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Learning work: a medium update takes tens of seconds and a consolidation minutes on a CPU.
+_SLOW = _LATENCY + (60, 120, 300, 600, 1800, 3600)
 _NORM = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1, 5, 10, 50, 100, 1000)
 _LOSS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 6, 8, 12)
 _BYTES = tuple(2.0**k for k in range(10, 31, 2))
@@ -62,7 +64,7 @@ level_rejected_updates_total = Counter(
 )
 level_update_duration_seconds = Histogram(
     "nsam_level_update_duration_seconds", "Wall time of one level update.", ["level"],
-    buckets=_LATENCY,
+    buckets=_SLOW,
 )
 forgetting_probe_loss = Histogram(
     "nsam_forgetting_probe_loss",
@@ -94,11 +96,11 @@ consolidation_queue_depth = Gauge(
 )
 consolidation_lag_seconds = Histogram(
     "nsam_consolidation_lag_seconds", "From enqueue of a consolidation job to its start.",
-    buckets=_LATENCY,
+    buckets=_SLOW,
 )
 consolidation_duration_seconds = Histogram(
     "nsam_consolidation_duration_seconds", "Wall time of one consolidation job.",
-    buckets=_LATENCY,
+    buckets=_SLOW,
 )
 consolidation_jobs_total = Counter(
     "nsam_consolidation_jobs_total",
