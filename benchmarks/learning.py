@@ -75,11 +75,13 @@ class Chat:
         self.decode_seconds = 0.0
         self.decode_tokens = 0
 
-    def run(self, requests: list[tuple[str, list[int], bytes]]) -> dict[str, tuple[str, bytes]]:
-        """requests: (id, prompt ids, session state) -> id -> (reply text, session state after)."""
-        texts = {rid: "" for rid, _, _ in requests}
-        for rid, ids, state in requests:
-            self.gen.add(rid, ids, state, SamplingParams(max_tokens=self.max_tokens))
+    def run(self, requests: list[tuple]) -> dict[str, tuple[str, bytes]]:
+        """requests: (id, prompt ids, session state[, fresh tokens]) -> id -> (reply text, session
+        state after). Fresh tokens: the prompt's trailing tokens new to the session (as the
+        server passes them: the fast level writes only those); all when not given."""
+        texts = {r[0]: "" for r in requests}
+        for rid, ids, state, *fresh in requests:
+            self.gen.add(rid, ids, state, SamplingParams(max_tokens=self.max_tokens), *fresh)
         while self.gen.has_work():
             running = len(self.gen.inner.running)
             t0 = time.perf_counter()
@@ -90,18 +92,18 @@ class Chat:
                 self.decode_tokens += running
             for e in events:
                 texts[e.request_id] += e.text
-        return {rid: (texts[rid].strip(), self.gen.pop_state(rid)[0]) for rid, _, _ in requests}
+        return {r[0]: (texts[r[0]].strip(), self.gen.pop_state(r[0])[0]) for r in requests}
 
 
-def window_prompt(m: NsamModel, messages: list[dict], window: int, hidden: list[str]) -> list[int]:
-    """encode_chat with the window; then drop more old turns while a value in `hidden` is still
-    visible, so the question is asked with the facts out of the window."""
-    ids = m.encode_chat(messages, window)
+def window_prompt(m: NsamModel, messages: list[dict], window: int, hidden: list[str]) -> tuple[list[int], int]:
+    """encode_turn with the window; then drop more old turns while a value in `hidden` is still
+    visible, so the question is asked with the facts out of the window. -> (ids, fresh tokens)"""
+    ids, fresh = m.encode_turn(messages, window)
     msgs = list(messages)
     while any(matches(m.tokenizer.decode(ids), v) for v in hidden) and len(msgs) > 1:
         msgs = msgs[1:]
-        ids = m.encode_chat(msgs, window)
-    return ids
+        ids, fresh = m.encode_turn(msgs, window)
+    return ids, fresh
 
 
 # -- retrieval baseline (mem0-style, top-k by TF-IDF) ---------------------------------------
@@ -202,7 +204,8 @@ def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states:
         for e in episodes:
             if t < len(turns[e.user]):
                 history[e.user].append({"role": "user", "content": turns[e.user][t]})
-                reqs.append((e.user, m.encode_chat(history[e.user], window), states[e.user]))
+                ids, fresh = m.encode_turn(history[e.user], window)
+                reqs.append((e.user, ids, states[e.user], fresh))
         out = chat.run(reqs)
         for rid, (text, state) in out.items():
             history[rid].append({"role": "assistant", "content": text})
@@ -246,7 +249,8 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
         hist: list[dict] = []
         for turn in [f.statement for f in facts]:
             hist.append({"role": "user", "content": turn})
-            reply, state = chat.run([("long", m.encode_chat(hist, args.window), state)])["long"]
+            ids, fresh = m.encode_turn(hist, args.window)
+            reply, state = chat.run([("long", ids, state, fresh)])["long"]
             hist.append({"role": "assistant", "content": reply})
             state, _ = m.update_medium(state, hist)
         user, rep = m.consolidate(user, state, hist)
@@ -378,15 +382,16 @@ def main() -> None:
         for f in e.facts:
             for j, q in enumerate(f.questions):
                 rid = f"{e.user}|in|{f.attribute}|{j}"
-                ids = window_prompt(m, history[e.user] + [{"role": "user", "content": q}], args.window, values[e.user])
-                reqs.append((rid, ids, states[e.user]))
+                ids, fresh = window_prompt(m, history[e.user] + [{"role": "user", "content": q}], args.window,
+                                           values[e.user])
+                reqs.append((rid, ids, states[e.user], fresh))
                 expected[rid] = f.value
                 meta[rid] = ids
     t0 = time.perf_counter()
     fresh_session = m.new_session_state(None)
     ans_in = {k: v[0] for k, v in chat.run(reqs).items()}
     ans_in_frozen = {k.replace("|in|", "|inF|"): v[0] for k, v in
-                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, _ in reqs]).items()}
+                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, *_ in reqs]).items()}
     in_session_recall = score(ans_in, expected)
     in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
     details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)

@@ -66,8 +66,10 @@ class Generator:
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], levels: dict[str, object] | None,
-            params: SamplingParams) -> None:
-        """`levels` maps level name -> state (LoraState / AssociativeState); None = frozen."""
+            params: SamplingParams, fresh_tokens: int | None = None) -> None:
+        """`levels` maps level name -> state (LoraState / AssociativeState); None = frozen.
+        `fresh_tokens`: how many trailing prompt tokens are new to this session (the fast level
+        writes only those; None: all)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.max_seq:
@@ -84,7 +86,8 @@ class Generator:
         fast = None
         fast_state = levels.get("fast")
         if isinstance(fast_state, AssociativeState) and self.fast_params is not None and self.learning:
-            fast = FastLevelRunner(self.fast_params, fast_state)
+            old = len(prompt_ids) - fresh_tokens if fresh_tokens is not None else 0
+            fast = FastLevelRunner(self.fast_params, fast_state, read_only=max(0, old))
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.waiting.append(_Running(request_id, -1, list(prompt_ids), params, lora, fast, gen,
                                      StreamDecoder(self.tokenizer)))

@@ -204,7 +204,9 @@ class FastLevelRunner:
     Tokens of the open chunk wait in `pending` (per layer, as projected feature rows).
     """
 
-    def __init__(self, params: FastMemory, state: AssociativeState):
+    def __init__(self, params: FastMemory, state: AssociativeState, read_only: int = 0):
+        """`read_only`: the first tokens this runner sees are read, not written (a chat prompt's
+        history, which the turns before already wrote)."""
         self.params = params
         self.c, self.r = params.spec.period_tokens, params.spec.rank
         self.memory = list(state.memory.unbind(0))
@@ -215,6 +217,7 @@ class FastLevelRunner:
                         state.pending_eta[i, :n, None], state.pending_alpha[i, :n, None]], 1)] if n else []
             for i in range(len(self.memory))]
         self.count = [n] * len(self.memory)
+        self.read_only = [read_only] * len(self.memory)
         self._surprise: list[Tensor] = []  # per written chunk; read as floats once (no sync per chunk)
 
     @property
@@ -229,7 +232,10 @@ class FastLevelRunner:
     def absorb(self, i: int, feats: Tensor) -> Tensor:
         """Projected tokens (T, 3R + 2) -> their memory reads (T, R); writes each chunk as it fills."""
         r = self.r
-        reads, t0 = [], 0
+        reads, t0 = [], min(self.read_only[i], feats.shape[0])
+        if t0:
+            reads.append(feats[:t0, :r] @ self.memory[i].T)
+            self.read_only[i] -= t0
         while t0 < feats.shape[0]:
             n = min(self.c - self.count[i], feats.shape[0] - t0)
             part = feats[t0:t0 + n]
@@ -255,8 +261,8 @@ class FastLevelRunner:
         projection, batched reads and writes (the training passes of the outer loop)."""
         first = runners[0]
         params, r, c, count = first.params, first.r, first.c, first.count[i]
-        if any(run.count[i] != count or run.params is not params for run in runners):
-            raise ValueError("step_together needs runners at the same chunk offset with the same parameters")
+        if any(run.count[i] != count or run.params is not params or run.read_only[i] for run in runners):
+            raise ValueError("step_together needs writing runners at the same chunk offset with the same parameters")
         b, t, _ = x.shape
         feats = params.project(i, x.reshape(b * t, -1)).view(b, t, -1)
         memory = torch.stack([run.memory[i] for run in runners])

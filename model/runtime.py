@@ -96,12 +96,19 @@ class NsamModel:
     def encode_chat(self, messages: list[dict[str, str]], max_prompt_tokens: int) -> list[int]:
         """Prompt ids with the generation prompt; drops the oldest turns (keeps a leading system
         message) until it fits."""
+        return self.encode_turn(messages, max_prompt_tokens)[0]
+
+    def encode_turn(self, messages: list[dict[str, str]], max_prompt_tokens: int) -> tuple[list[int], int]:
+        """`encode_chat`, plus how many trailing tokens are new to the session: the last
+        message and the generation prompt (earlier turns were written by the turns that had them)."""
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
         rest = messages[len(system):]
         while rest:
             ids = self.tokenizer.encode_chat(system + rest)
             if len(ids) <= max_prompt_tokens:
-                return ids
+                history = system + rest[:-1]
+                old = self.tokenizer.encode_chat(history, add_generation_prompt=False) if rest[:-1] else []
+                return ids, len(ids) - len(old) if ids[:len(old)] == old else len(ids)
             rest = rest[1:]
         raise ValueError(f"the last message alone exceeds the prompt budget of {max_prompt_tokens} tokens")
 
@@ -168,10 +175,11 @@ class Generator:
         self.states: dict[str, MemoryState] = {}
         self.started: dict[str, float] = {}
 
-    def add(self, request_id: str, prompt_ids: list[int], session_state: bytes, params: SamplingParams) -> None:
+    def add(self, request_id: str, prompt_ids: list[int], session_state: bytes, params: SamplingParams,
+            fresh_tokens: int | None = None) -> None:
         params.validate()
         state = self.owner._read(session_state, "session")
-        self.inner.add(request_id, prompt_ids, state.levels, params)
+        self.inner.add(request_id, prompt_ids, state.levels, params, fresh_tokens)
         self.states[request_id] = state
         self.started[request_id] = time.perf_counter()
 

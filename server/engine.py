@@ -98,6 +98,7 @@ class _Turn:
     params: Any
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    fresh_tokens: int | None = None  # trailing prompt tokens new to the session
 
     def deliver(self, items: list[Any]) -> None:
         try:
@@ -135,13 +136,13 @@ class ModelThread:
         return await asyncio.wrap_future(future)
 
     async def generate(self, prompt_ids: list[int], state: bytes,
-                       params: Any) -> AsyncIterator[Any]:
+                       params: Any, fresh_tokens: int | None = None) -> AsyncIterator[Any]:
         """Streams TokenEvents of one turn, then one TurnEnd. Closing the iterator early
         cancels the turn."""
         if self._generator is None or self._stopped.is_set():
             raise Unavailable("the model is not serving generation now")
         turn = _Turn(f"t{next(self._ids)}", prompt_ids, state, params, asyncio.Queue(),
-                     asyncio.get_running_loop())
+                     asyncio.get_running_loop(), fresh_tokens)
         self._inbox.put(("add", turn))
         finished = False
         try:
@@ -206,7 +207,8 @@ class ModelThread:
         while self._pending and len(self._active) < self.max_batch:
             turn = self._pending.popleft()
             try:
-                self._generator.add(turn.request_id, turn.prompt_ids, turn.state, turn.params)
+                self._generator.add(turn.request_id, turn.prompt_ids, turn.state, turn.params,
+                                    turn.fresh_tokens)
             except Exception as exc:  # noqa: BLE001 - e.g. a state the model refuses
                 turn.deliver([exc])
                 continue
@@ -354,7 +356,7 @@ class Engine:
                 raise FailedPrecondition("session has reached its turn limit; start a new one")
             messages = session.transcript + [{"role": "user", "content": message}]
             try:
-                prompt = await self.thread.call(self.model.encode_chat, messages, budget)
+                prompt, fresh = await self.thread.call(self.model.encode_turn, messages, budget)
             except ValueError as exc:  # the new message plus the system prompt do not fit
                 raise InvalidArgument(f"message: {exc}; shorten it or lower sampling.max_tokens") from exc
             metrics.prompt_tokens_total.inc(len(prompt))
@@ -362,7 +364,7 @@ class Engine:
             end: TurnEnd | None = None
             last = None
             async with contextlib.aclosing(
-                    self.thread.generate(prompt, session.state, params)) as events:
+                    self.thread.generate(prompt, session.state, params, fresh)) as events:
                 async for item in events:
                     if isinstance(item, TurnEnd):
                         end = item

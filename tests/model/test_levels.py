@@ -206,3 +206,30 @@ def test_sequences_written_together_equal_each_written_alone(tiny):
     for a, b in zip(together, alone):
         torch.testing.assert_close(a.state().memory, b.state().memory, atol=1e-6, rtol=0)
         assert a.surprise == pytest.approx(b.surprise, abs=1e-5) and len(a.surprise) == 1
+
+
+def test_history_already_written_is_read_not_written_again(tiny):
+    """A chat prompt re-sends the session's earlier turns; the fast level writes only what is new."""
+    from nsam.model.levels import AssociativeState
+
+    fast = _open_fast(tiny)
+    x = torch.randn(70, tiny.model.config.dim, generator=torch.Generator().manual_seed(3))
+    skipping = FastLevelRunner(fast, AssociativeState.zeros(fast.spec), read_only=30)
+    fresh_only = FastLevelRunner(fast, AssociativeState.zeros(fast.spec))
+    with torch.no_grad():
+        reads = skipping.step(0, x)
+        fresh_only.step(0, x[30:])
+    torch.testing.assert_close(skipping.state().memory, fresh_only.state().memory, atol=1e-6, rtol=0)
+    assert int(skipping.state().pending) == 40 % fast.spec.period_tokens
+    assert torch.equal(reads[:30], torch.zeros_like(reads[:30]))  # the memory was empty while reading
+
+
+def test_a_turn_knows_which_prompt_tokens_are_new(tiny):
+    history = [{"role": "user", "content": "My dog is Rex."}, {"role": "assistant", "content": "Nice."}]
+    last = {"role": "user", "content": "And my cat is Tom."}
+    ids, fresh = tiny.encode_turn(history + [last], 1000)
+    assert ids == tiny.encode_chat(history + [last], 1000)
+    old = tiny.tokenizer.encode_chat(history, add_generation_prompt=False)
+    assert ids[:len(old)] == old and fresh == len(ids) - len(old) > 0
+    ids, fresh = tiny.encode_turn([last], 1000)
+    assert fresh == len(ids)  # a first turn is all new
