@@ -385,8 +385,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             loss = loss + config.untaught_weight * _kl(logits_fn(neg[0], neg[1]), neg_ref, neg[3])
         return loss, surprise
 
-    untaught_prompts = [tokenizer.encode_chat([{"role": "user", "content": q}])
-                        for q in _untaught_questions(taught, config.on_policy_probes)]
+    untaught_questions = _untaught_questions(taught, config.on_policy_probes)
     on_policy: list = []  # [(ids, select, weights, frozen logprobs)]
 
     def full_objective(logits_fn):
@@ -400,17 +399,11 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         new, first = train_lora(model, spec, new, [], full_objective, stop - done, config.lr)
         surprise = first if done == 0 else surprise
         done = stop
-        if done < config.steps and untaught_prompts:
-            examples = []
-            for prompt in untaught_prompts:
-                answer = _greedy_level(model, spec, [new], prompt, config.on_policy_tokens, tokenizer.eos_token_ids)
-                if answer:
-                    examples.append(TrainingExample(prompt + answer, [0.0] * (len(prompt) - 1) + [1.0] * len(answer)))
-            if examples:
-                ids, select, _, weights = _selected(examples)
-                with torch.inference_mode():
-                    ref = F.log_softmax(model(ids)[select].float(), -1)
-                on_policy = [(ids, select, weights, ref)]
+        if done < config.steps and untaught_questions:
+            negatives_now = _on_policy_negatives(model, tokenizer, spec, [new], [], untaught_questions,
+                                                 config.on_policy_tokens)
+            if negatives_now is not None:
+                on_policy = [negatives_now]
     kept, level = guard(spec, user_state, new, None, surprise, started)
     if not level.accepted:
         return user_state, ConsolidationReport(False, level.reason, math.nan, baseline, math.nan, len(facts),

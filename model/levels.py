@@ -169,6 +169,11 @@ class FastMemory(nn.Module):
         s = self.spec
         return f"layers={list(s.layers)} rank={s.rank} period={s.period_tokens} lr={s.lr}"
 
+    @torch.no_grad()
+    def scale_read(self, factor: float) -> None:
+        """Scale the read gates' output (tanh(gate)) by `factor`, in place."""
+        self.gate.copy_(torch.atanh(torch.tanh(self.gate) * factor))
+
     def project(self, i: int, x: Tensor) -> Tensor:
         """x (T, D) -> features (T, 3R + 2): q, k, v, η, α of each token, from one matmul."""
         r = self.spec.rank

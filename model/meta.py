@@ -13,6 +13,7 @@ step runs `batch` of each kind side by side.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -142,6 +143,13 @@ def general_loss(model: Transformer, fast: FastMemory | None, windows: list[list
         runners = [FastLevelRunner(fast, AssociativeState.zeros(fast.spec, x.device)) for _ in windows]
         logits = _with_memory(model, fast, x, runners)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+
+
+@torch.no_grad()
+def general_ppl(model: Transformer, fast: FastMemory | None, windows: list[list[int]], batch: int = 8) -> float:
+    """Perplexity over windows of ordinary text (mean of batch losses), memory on or (None) off."""
+    losses = [float(general_loss(model, fast, windows[i:i + batch])) for i in range(0, len(windows), batch)]
+    return math.exp(sum(losses) / len(losses))
 
 
 def held_out_episodes(tokenizer, facts: int, count: int, chunk: int,

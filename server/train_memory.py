@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -89,17 +88,10 @@ def main(argv: list[str]) -> int:
         out = {"answer_loss": meta.held_out_loss(model, fast, held_out),
                "control_loss": meta.held_out_loss(model, fast, held_out_controls)}
         if eval_windows:
-            with torch.no_grad():
-                losses = [float(meta.general_loss(model, fast, eval_windows[i:i + 8]))
-                          for i in range(0, len(eval_windows), 8)]
-            out["eval_ppl"] = math.exp(sum(losses) / len(losses))
+            out["eval_ppl"] = meta.general_ppl(model, fast, eval_windows)
         return out
 
-    with torch.no_grad():
-        backbone = {}
-        if eval_windows:
-            losses = [float(meta.general_loss(model, None, eval_windows[i:i + 8])) for i in range(0, len(eval_windows), 8)]
-            backbone["eval_ppl"] = math.exp(sum(losses) / len(losses))
+    backbone = {"eval_ppl": meta.general_ppl(model, None, eval_windows)} if eval_windows else {}
     before = evaluate()
     print(json.dumps({"backbone": backbone, "before": before, "train_windows": len(general)}), flush=True)
     started = time.perf_counter()
@@ -120,8 +112,7 @@ def main(argv: list[str]) -> int:
         import nsam.model
 
         out = Path(nsam.model.__file__).parent / "presets" / "fast_memory.safetensors"
-    with torch.no_grad():
-        fast.gate.copy_(torch.atanh(torch.tanh(fast.gate) * args.read_scale))
+    fast.scale_read(args.read_scale)
     tensors = {k: v.detach().cpu().contiguous() for k, v in fast.state_dict().items()}
     save_file(tensors, str(out), metadata={"model": nsam.model.config.fingerprint(), "spec": fast.compat_key(),
                                                 "read_scale": str(args.read_scale)})
