@@ -241,7 +241,7 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
     base_loss = mean_loss(m, general)
     chat = Chat(m, 2, learning=True)
     user = m.new_user_state()
-    accepted = 0
+    accepted = shortened = 0
     milestones: dict[int, float] = {}
     sessions = make_long_user(args.forgetting_sessions, 2, seed=args.seed + 1)
     for s, facts in enumerate(sessions):
@@ -255,7 +255,9 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
             state, _ = m.update_medium(state, hist)
         user, rep = m.consolidate(user, state, hist)
         accepted += rep.accepted
-        log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason} ({rep.seconds:.0f}s)")
+        shortened += rep.accepted and rep.step_scale < 1
+        log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason}, step x{rep.step_scale:g} "
+            f"({rep.seconds:.0f}s)")
         if s + 1 in (5, 10) and s + 1 < len(sessions):  # milestones: a long chain can be cut short
             mid = mean_loss(m, general, m._read(user, "user").levels["user"])
             milestones[s + 1] = math.exp(mid) / math.exp(base_loss) - 1
@@ -263,9 +265,11 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
     level = m._read(user, "user").levels["user"]
     after = mean_loss(m, general, level)
     forgetting = math.exp(after) / math.exp(base_loss) - 1
-    log(f"forgetting {forgetting:+.2%} after {len(sessions)} sessions ({accepted} accepted) "
+    log(f"forgetting {forgetting:+.2%} after {len(sessions)} sessions ({accepted} accepted, {shortened} of them "
+        f"cut back to the drift budget) "
         f"[{time.perf_counter() - t0:.0f}s]")
-    return forgetting, {"sessions": len(sessions), "accepted": accepted, "tokens": len(general), "milestones": milestones,
+    return forgetting, {"sessions": len(sessions), "accepted": accepted, "cut_back": shortened, "tokens": len(general),
+                        "milestones": milestones,
                         "ppl_before": math.exp(base_loss), "ppl_after": math.exp(after),
                         "seconds": time.perf_counter() - t0}
 
@@ -405,6 +409,7 @@ def main() -> None:
         user_states[e.user], rep = m.consolidate(fresh_user, states[e.user], history[e.user])
         cons.append({"user": e.user, "accepted": rep.accepted, "reason": rep.reason, "facts": rep.facts,
                      "probe_change": rep.probe_loss / rep.baseline_probe_loss - 1 if rep.accepted else None,
+                     "step_scale": rep.step_scale,
                      "seconds": time.perf_counter() - t0})
         log(f"  consolidate {e.user}: {rep.reason}, {rep.facts} facts extracted, "
             f"probe {rep.probe_loss:.3f} vs {rep.baseline_probe_loss:.3f}, {time.perf_counter() - t0:.0f}s")

@@ -31,6 +31,17 @@ class Fact:
     key: str
     questions: tuple[str, ...]
     answer: str
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A question about something never taught and the start of the answer that would state
+    it ("What is my cousin's name?", "Your cousin's name is"): teacher-forcing the prefix puts
+    the level at the very position where a taught value would leak."""
+
+    question: str
+    prefix: str
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,7 @@ class ConsolidationReport:
     update_norm: float
     drift: float
     seconds: float
+    step_scale: float = 1.0  # < 1: the update was cut back to stay within the probe budget
 
 
 _VALUE = r"([^.!?\n;,:]{1,60}?)"
@@ -83,7 +95,11 @@ def extract_facts(text: str) -> list[Fact]:
             if not all(groups) or groups[0].lower() in ("name", "i") and key == "{0}" and len(groups) < 2:
                 continue
             k = key.format(*groups).lower()
-            facts[k] = Fact(k, tuple(q.format(*groups) for q in questions), answer.format(*groups))
+            asked = tuple(q.format(*groups) for q in questions)
+            if k.endswith("'s name"):  # a name is also asked about its owner ("what is my sister called?")
+                owner = k.removesuffix("'s name")
+                asked += (f"What is my {owner} called?",)
+            facts[k] = Fact(k, asked, answer.format(*groups), groups[-1])
     return list(facts.values())
 
 
@@ -105,6 +121,8 @@ def chat_example(tokenizer, messages: list[dict[str, str]], train_roles: tuple[s
 # of the on-policy negatives taken halfway through its steps.
 TURN_KL_WEIGHT = 10.0
 TURN_NEGATIVE_WEIGHT = 1.0
+TURN_SLOTS, TURN_SLOT_WEIGHT = 4, 0.3  # untaught slots per fact turn (slot_loss) and their weight
+TURN_BINDING_WEIGHT = 1.0  # taught values against each other (binding_loss)
 TURN_ANCHOR_TOKENS = 96  # a turn's update must stay cheap: a CPU trains ~50 tokens/s per thread
 # Owners for near-miss questions ("my sister's name" taught -> "my cousin's name?" must not get it).
 _RELATIONS = ("cousin", "aunt", "best friend", "colleague", "partner", "daughter", "son", "boss", "flatmate")
@@ -120,16 +138,86 @@ GENERAL_QUESTIONS = (
     "Name three primary colours.", "What is a synonym for happy?", "Who wrote Romeo and Juliet?")
 
 
-def near_miss_questions(facts: list[Fact], taught: set[str], n: int) -> list[str]:
-    """Questions that look like the taught ones but ask for something never taught: the same
-    slot with another owner, then common personal attributes."""
+def untaught_slots(facts: list[Fact], taught: set[str], n: int) -> list[Slot]:
+    """Slots that look like the taught ones but were never filled: the same slot with another
+    owner ("my cousin's name" when the sister's was taught), then common personal attributes
+    and the extraction patterns' unfilled frames."""
     out = []
     for i, f in enumerate(facts):
         if f.key.endswith("'s name"):
             owners = [r for r in _RELATIONS if f"{r}'s name" not in taught]
-            out.append(f"What is my {owners[(len(f.answer) + i) % len(owners)]}'s name?")
-    out += _untaught_questions(taught, n)
+            owner = owners[(len(f.answer) + i) % len(owners)]
+            out.append(Slot(f"What is my {owner}'s name?", f"Your {owner}'s name is"))
+    attributes = [Slot(f"What is my {u}?", f"Your {u} is") for u in UNTAUGHT_PROBES if u not in taught]
+    frames = [Slot(qs[0], a.split("{0}")[0].strip()) for _, key, qs, a in _PATTERNS if key != "{0}" and key not in taught]
+    out += [s for pair in zip(attributes, frames) for s in pair] + attributes[len(frames):] + frames[len(attributes):]
     return out[:n]
+
+
+def near_miss_questions(facts: list[Fact], taught: set[str], n: int) -> list[str]:
+    return [s.question for s in untaught_slots(facts, taught, n)]
+
+
+def _value_start(tokenizer, prefix: str, value: str) -> tuple[list[int], int | None]:
+    """The tokens of `prefix` plus any bare-space token before `value` (numbers start with one),
+    and the value's first real token."""
+    pre = tokenizer.encode(prefix)
+    rest = tokenizer.encode(f"{prefix} {value}")[len(pre):]
+    while len(rest) > 1 and not tokenizer.decode(rest[:1]).strip():
+        pre, rest = pre + rest[:1], rest[1:]
+    return pre, (rest[0] if rest and tokenizer.decode(rest[:1]).strip() else None)
+
+
+@dataclass(frozen=True)
+class ValueBatch:
+    """Questions with their answer prefix teacher-forced, cut at the position that predicts the
+    value: ids (N, T), select (N, T) marking that position, the first tokens of the taught
+    values (C,), and per row the index of its own value among them (-1: an untaught slot)."""
+
+    ids: torch.Tensor
+    select: torch.Tensor
+    candidates: torch.Tensor
+    target: torch.Tensor
+
+
+def value_batch(tokenizer, slots: list[Slot], values: list[str], targets: list[str | None]) -> ValueBatch | None:
+    firsts = {v: _value_start(tokenizer, "It is", v)[1] for v in values}
+    candidates = sorted({t for t in firsts.values() if t is not None})
+    examples, target = [], []
+    for slot, value in zip(slots, targets):
+        pre, first = _value_start(tokenizer, slot.prefix, value) if value else (tokenizer.encode(slot.prefix), None)
+        prompt = tokenizer.encode_chat([{"role": "user", "content": slot.question}])
+        examples.append(TrainingExample(prompt + pre + [0], [0.0] * (len(prompt) + len(pre) - 1) + [1.0]))
+        target.append(candidates.index(firsts[value]) if value and firsts[value] in candidates else -1)
+    if not examples:
+        return None
+    ids, select, _, _ = _selected(examples)
+    return ValueBatch(ids, select, torch.tensor(candidates, dtype=torch.long), torch.tensor(target, dtype=torch.long))
+
+
+def fact_slots(facts: list[Fact], form: int) -> list[Slot]:
+    """Each fact's question (form `form`) with its answer up to the value."""
+    return [Slot(f.questions[form % len(f.questions)], f.answer[:f.answer.rindex(f.value)].rstrip()) for f in facts]
+
+
+def binding_loss(logits: torch.Tensor, batch: ValueBatch) -> torch.Tensor:
+    """At each taught question's value position, its own value against the session's other
+    taught values (cross-entropy over their first tokens): rehearsal alone teaches "a taught
+    name goes here" before it teaches which one (LEARNING.md: a value prior shared across keys)."""
+    rows = batch.target >= 0
+    if len(batch.candidates) < 2 or not bool(rows.any()):
+        return logits.new_zeros(())
+    return F.cross_entropy(logits[rows][:, batch.candidates].float(), batch.target[rows])
+
+
+def slot_loss(logits: torch.Tensor, ref_logprobs: torch.Tensor, batch: ValueBatch) -> torch.Tensor:
+    """At untaught slots' value positions: KL to the parent's distribution, plus unlikelihood
+    of the mass on taught values' first tokens (-log(1 - p)), which is ~0 until a value leaks."""
+    loss = _kl(logits, ref_logprobs, None)
+    if len(batch.candidates):
+        mass = F.softmax(logits.float(), -1)[:, batch.candidates].sum(-1)
+        loss = loss + (-torch.log1p(-mass.clamp(max=1 - 1e-6))).mean()
+    return loss
 
 
 def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState, frozen: list[LoraState],
@@ -157,10 +245,19 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     forms = max(len(f.questions) for f in new_facts)
     rounds = [_selected([qa(f, r) for f in new_facts for r in range(forms)] + [qa(f, r) for f in earlier])
               for r in range(forms)]
-    anchor = torch.tensor([anchor_ids[:TURN_ANCHOR_TOKENS]])
+    windows = anchor_windows(anchor_ids, TURN_ANCHOR_TOKENS)
+    anchor = windows[len(users) % len(windows)]  # each turn anchors on another stretch of text
     anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
     chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
+    taught = {f.key for f in new_facts + earlier}
+    values = [f.value for f in new_facts + earlier]
+    turn_slots = untaught_slots(new_facts, taught, TURN_SLOTS) if TURN_SLOT_WEIGHT else []
+    slots = value_batch(tokenizer, turn_slots, values, [None] * len(turn_slots)) if turn_slots else None
+    bindings = [value_batch(tokenizer, fact_slots(new_facts + earlier, r), values, values) for r in range(forms)
+                ] if TURN_BINDING_WEIGHT and len(values) > 1 else []
     with torch.inference_mode():
+        slot_ref = F.log_softmax(_parent_logits(model, spec, frozen, state, slots.ids)[slots.select].float(), -1
+                                 ) if slots else None
         ref = F.log_softmax(_parent_logits(model, spec, frozen, state, anchor)[anchor_sel].float(), -1)
         chat_ref = F.log_softmax(_parent_logits(model, spec, frozen, state, chat_ids)[chat_sel].float(), -1)
     step, negatives = [0], [None]
@@ -172,6 +269,11 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
         answer = (losses * weights).sum() / weights.sum()
         loss = answer + TURN_KL_WEIGHT * (_kl(logits_fn(anchor, anchor_sel), ref, None)
                                           + _kl(logits_fn(chat_ids, chat_sel), chat_ref, chat_w))
+        if slots is not None:
+            loss = loss + TURN_SLOT_WEIGHT * slot_loss(logits_fn(slots.ids, slots.select), slot_ref, slots)
+        if bindings:
+            batch = bindings[(step[0] - 1) % len(bindings)]
+            loss = loss + TURN_BINDING_WEIGHT * binding_loss(logits_fn(batch.ids, batch.select), batch)
         if negatives[0] is not None:
             n_ids, n_select, n_weights, n_ref = negatives[0]
             loss = loss + TURN_NEGATIVE_WEIGHT * _kl(logits_fn(n_ids, n_select), n_ref, n_weights)
@@ -179,7 +281,6 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
 
     half = spec.rehearsal_steps // 2
     new, surprise = train_lora(model, spec, state, frozen, objective, half, spec.rehearsal_lr)
-    taught = {f.key for f in new_facts + earlier}
     general = [GENERAL_QUESTIONS[len(users) % len(GENERAL_QUESTIONS)]]
     negatives[0] = _on_policy_negatives(model, tokenizer, spec, frozen + [new], frozen,
                                         near_miss_questions(new_facts, taught, 1) + general, 10)
@@ -282,15 +383,6 @@ def _on_policy_negatives(model: Transformer, tokenizer, spec: LevelSpec, levels:
     return ids, select, weights, ref
 
 
-def _untaught_questions(taught: set[str], n: int) -> list[str]:
-    """Questions about things the user did not state: common personal attributes, plus the
-    question frames of the extraction patterns whose slot was not filled."""
-    questions = [f"What is my {u}?" for u in UNTAUGHT_PROBES if u not in taught]
-    frames = [qs[0] for _, key, qs, _ in _PATTERNS if key != "{0}" and key not in taught]
-    mixed = [q for pair in zip(questions, frames) for q in pair] + questions[len(frames):] + frames[len(questions):]
-    return mixed[:n]
-
-
 def probe_loss(model: Transformer, spec: LevelSpec, levels: list[LoraState], probe_ids: list[int]) -> float:
     """Mean next-token loss on general text, with the given LoRA levels (none = frozen)."""
     ids = torch.tensor([probe_ids])
@@ -312,9 +404,15 @@ class ConsolidationConfig:
     untaught_weight: float = 1.0
     replay_weight: float = 0.5
     max_forgetting: float = 0.05  # accept if probe loss <= baseline * (1 + this)
-    probe_ppl_budget: float = 1.0  # and probe perplexity <= frozen's * (1 + this), cumulative over sessions
-    shrink: tuple[float, ...] = ()  # past the budget: try old + alpha (new - old) for these alphas
+    # and probe perplexity <= frozen's * (1 + this): a drift budget for the user's whole history
+    probe_ppl_budget: float = 0.08
+    shrink: tuple[float, ...] = (0.5, 0.25)  # past the budget: try old + alpha (new - old) for these alphas
     untaught_probes: int = 4
+    anchor_window: int = 256  # tokens of anchor text per step (0: all of it every step)
+    # Untaught slots with their answer prefix teacher-forced (`slot_loss`).
+    slots: int = 8
+    slot_weight: float = 0.3
+    binding_weight: float = 1.0  # taught values against each other at their value positions (`binding_loss`)
     # On-policy negatives: at these steps, answer untaught questions with the level being trained
     # and pull it towards the frozen model along its own answers (value positions included).
     on_policy_at: tuple[int, ...] = (6,)
@@ -359,13 +457,16 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     rounds = [_selected(r) for r in rounds if r]
     groups = [(_selected(replay), config.replay_weight)] if replay and config.replay_weight else []
     step = [0]
-    anchor = torch.tensor([anchor_ids])
-    anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
+    anchors = anchor_windows(anchor_ids, config.anchor_window)
     neg = _selected(negatives) if negatives else None
     chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
+    values = [f.value for f in facts]
+    untaught_slots_ = untaught_slots(facts, taught, config.slots) if config.slot_weight else []
+    slots = value_batch(tokenizer, untaught_slots_, values, [None] * len(untaught_slots_)) if untaught_slots_ else None
+    bindings = [value_batch(tokenizer, fact_slots(facts, r), values, values) for r in range(forms)
+                ] if config.binding_weight and len(facts) > 1 else []
     with torch.inference_mode():
-        anchor_ref = _frozen(model, ("logprobs", tuple(anchor_ids)),
-                             lambda: F.log_softmax(model(anchor)[anchor_sel].float(), -1))
+        slot_ref = F.log_softmax(model(slots.ids)[slots.select].float(), -1) if slots else None
         chat_ref = _frozen(model, ("chat-anchor-logprobs",), lambda: F.log_softmax(model(chat_ids)[chat_sel].float(), -1))
         neg_ref = torch.cat([_frozen(model, ("answer-logprobs", tuple(e.ids)), lambda e=e: _answer_logprobs(model, e))
                              for e in negatives]) if neg is not None else None
@@ -373,19 +474,27 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     def objective(logits_fn):
         loss, surprise = 0.0, 0.0
         batches = groups + ([(rounds[step[0] % len(rounds)], 1.0)] if rounds else [])
+        anchor = anchors[step[0] % len(anchors)]
         step[0] += 1
         for (ids, select, targets, weights), w in batches:
             losses = F.cross_entropy(logits_fn(ids, select).float(), targets, reduction="none")
             mean = (losses * weights).sum() / weights.sum().clamp_min(1e-6)
             loss = loss + w * mean
             surprise += float(mean.detach()) * w
-        loss = loss + config.kl_weight * (_kl(logits_fn(anchor, anchor_sel), anchor_ref, None)
-                                          + _kl(logits_fn(chat_ids, chat_sel), chat_ref, chat_w))
+        with torch.inference_mode():  # the frozen model's distribution on this step's window
+            anchor_ref = F.log_softmax(model(anchor)[0].float(), -1)
+        kl = _kl(logits_fn(anchor)[0], anchor_ref, None) + _kl(logits_fn(chat_ids, chat_sel), chat_ref, chat_w)
+        loss = loss + config.kl_weight * kl
+        if slots is not None:
+            loss = loss + config.slot_weight * slot_loss(logits_fn(slots.ids, slots.select), slot_ref, slots)
+        if bindings:
+            batch = bindings[(step[0] - 1) % len(bindings)]
+            loss = loss + config.binding_weight * binding_loss(logits_fn(batch.ids, batch.select), batch)
         if neg is not None:
             loss = loss + config.untaught_weight * _kl(logits_fn(neg[0], neg[1]), neg_ref, neg[3])
         return loss, surprise
 
-    untaught_questions = _untaught_questions(taught, config.on_policy_probes)
+    untaught_questions = near_miss_questions(facts, taught, config.on_policy_probes)
     on_policy: list = []  # [(ids, select, weights, frozen logprobs)]
 
     def full_objective(logits_fn):
@@ -411,11 +520,11 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     # Trust region: the probe's perplexity (cumulative, vs the frozen model) must stay within the
     # budget; if the full update is past it, try shorter steps from the old state towards it.
     budget = math.log1p(config.probe_ppl_budget)
-    candidate, candidate_probe = new, probe_loss(model, spec, [new], probe_ids)
+    candidate, candidate_probe, scale = new, probe_loss(model, spec, [new], probe_ids), 1.0
     for alpha in config.shrink:
         if math.isfinite(candidate_probe) and candidate_probe - baseline <= budget:
             break
-        candidate = _interpolate(user_state, new, alpha)
+        candidate, scale = _interpolate(user_state, new, alpha), alpha
         candidate_probe = probe_loss(model, spec, [candidate], probe_ids)
     new = candidate
     recall = math.nan
@@ -429,8 +538,17 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     ok = (math.isfinite(candidate_probe) and candidate_probe - baseline <= budget
           and candidate_probe <= baseline * (1 + config.max_forgetting))
     report = ConsolidationReport(ok, "ok" if ok else "forgetting", candidate_probe, baseline, recall, len(facts),
-                                 level.update_norm, level.drift, time.perf_counter() - started)
+                                 level.update_norm, level.drift, time.perf_counter() - started, scale)
     return (new if ok else user_state), report
+
+
+def anchor_windows(anchor_ids: list[int], window: int) -> list[torch.Tensor]:
+    """The anchor text cut into windows of `window` tokens (all of it as one when 0): each
+    training step is anchored on the next window, so a consolidation covers thousands of tokens
+    of general text at the cost of a few hundred per step."""
+    if window <= 0 or window >= len(anchor_ids):
+        return [torch.tensor([anchor_ids])]
+    return [torch.tensor([anchor_ids[i:i + window]]) for i in range(0, len(anchor_ids) - window + 1, window)]
 
 
 def _interpolate(old: LoraState, new: LoraState, alpha: float) -> LoraState:

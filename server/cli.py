@@ -6,6 +6,7 @@
     nsam chat           terminal chat client
     nsam generate       offline generation (nsam.server.generate)
     nsam train-memory   meta-train the memory levels (nsam.server.train_memory)
+    nsam anchor-text    write the slow levels' anchor and probe text (nsam.server.anchor_text)
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch("nsam.server.generate", argv[1:])
     if argv and argv[0] == "train-memory":
         return _dispatch("nsam.server.train_memory", argv[1:])
+    if argv and argv[0] == "anchor-text":
+        return _dispatch("nsam.server.anchor_text", argv[1:])
     if argv and argv[0] == "chat":
         from nsam.client.chat import main as chat_main
         return chat_main(argv[1:])
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("chat", help="terminal chat client (nsam chat --help)")
     sub.add_parser("generate", help="offline generation (nsam generate --help)")
     sub.add_parser("train-memory", help="meta-train the memory levels")
+    sub.add_parser("anchor-text", help="write the slow levels' anchor and probe text")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

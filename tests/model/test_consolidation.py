@@ -2,7 +2,9 @@
 
 import torch
 
-from nsam.model.consolidation import _selected, chat_example, extract_facts, learn_turn, near_miss_questions
+from nsam.model.consolidation import (Slot, ValueBatch, _selected, anchor_windows, binding_loss, chat_example,
+                                      extract_facts, fact_slots, learn_turn, near_miss_questions, slot_loss,
+                                      untaught_slots, value_batch)
 from nsam.model.levels import LoraState
 from nsam.model.runtime import NsamModel
 from nsam.model.updates import lora_logits_at
@@ -52,3 +54,77 @@ def test_near_miss_questions_never_ask_for_what_was_taught():
     assert len(questions) == 4
     assert "What is my sister's name?" not in questions and "What is my cousin's name?" not in questions
     assert "Where do I live?" not in questions
+
+
+def test_untaught_slots_carry_the_answer_prefix_of_a_slot_never_filled():
+    facts = extract_facts("My sister's name is Olvena. I live in Brisk.")
+    slots = untaught_slots(facts, {f.key for f in facts}, 6)
+    assert len(slots) == 6
+    assert slots[0].prefix.startswith("Your ") and slots[0].prefix.endswith("'s name is")
+    assert all(s.prefix != "You live in" and "sister" not in s.question for s in slots)
+
+
+def test_value_batch_cuts_each_question_at_the_position_that_predicts_its_value(real_model):
+    tok = real_model.tokenizer
+    facts = extract_facts("My sister's name is Geiplex. My locker code is 4821. My dog's name is Vestar.")
+    values = [f.value for f in facts]
+    batch = value_batch(tok, fact_slots(facts, 0), values, values)
+    assert batch.ids.shape[0] == 3 and int(batch.select.sum()) == 3
+    for row, fact in enumerate(facts):
+        upto = batch.ids[row][:int(batch.select[row].nonzero()[0, 0]) + 1].tolist()
+        seen = tok.decode(upto)
+        own = tok.decode([int(batch.candidates[batch.target[row]])]).strip()
+        assert seen.rstrip().endswith(fact.answer[:fact.answer.rindex(fact.value)].rstrip())
+        assert fact.value.startswith(own)  # the number's first digit, not the space before it
+    untaught = value_batch(tok, [Slot("What is my aunt's name?", "Your aunt's name is")], values, [None])
+    assert untaught.target.tolist() == [-1]
+
+
+def test_binding_loss_prefers_each_questions_own_value_among_the_taught_ones():
+    batch = ValueBatch(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
+                       torch.tensor([5, 7]), torch.tensor([0, 1]))
+    right = torch.zeros(2, 10)
+    right[0, 5] = right[1, 7] = 4.0
+    wrong = torch.zeros(2, 10)
+    wrong[0, 7] = wrong[1, 5] = 4.0
+    assert binding_loss(right, batch) < 0.1 < float(torch.log(torch.tensor(2.0))) < binding_loss(wrong, batch)
+    alone = ValueBatch(batch.ids, batch.select, torch.tensor([5]), torch.tensor([0, 0]))
+    assert float(binding_loss(right, alone)) == 0.0  # one value: nothing to tell apart
+
+
+def test_slot_loss_grows_when_a_taught_value_leaks_into_an_untaught_slot():
+    batch = ValueBatch(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool),
+                       torch.tensor([5]), torch.tensor([-1]))
+    parent = torch.zeros(1, 10)
+    leaked = parent.clone()
+    leaked[0, 5] = 6.0
+    ref = torch.log_softmax(parent, -1)
+    assert float(slot_loss(parent, ref, batch)) < 0.2 < float(slot_loss(leaked, ref, batch))
+
+
+def test_anchor_windows_cover_the_text_a_window_per_step():
+    ids = list(range(1000))
+    windows = anchor_windows(ids, 256)
+    assert [w.shape for w in windows] == [torch.Size([1, 256])] * 3
+    assert windows[1][0, 0] == 256
+    assert anchor_windows(ids, 0)[0].shape == (1, 1000)
+
+
+def test_an_update_past_the_drift_budget_is_cut_back_then_refused(tiny):
+    from dataclasses import replace
+
+    from nsam.model.consolidation import consolidate
+
+    spec = tiny.levels.get("user")
+    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    transcript = [{"role": "user", "content": "My dog's name is Rex. My cat's name is Olvena."},
+                  {"role": "assistant", "content": "Noted."}]
+    over = replace(tiny.consolidation, probe_ppl_budget=-0.5, shrink=(0.5, 0.25))  # no update fits
+    kept, report = consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
+                               tiny.probe_ids, over)
+    assert kept is fresh and not report.accepted and report.reason == "forgetting"
+    assert report.step_scale == 0.25  # it tried the shorter steps first
+    roomy = replace(tiny.consolidation, probe_ppl_budget=10.0, max_forgetting=10.0)
+    new, report = consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
+                              tiny.probe_ids, roomy)
+    assert report.accepted and report.step_scale == 1.0 and not torch.equal(new.b, fresh.b)

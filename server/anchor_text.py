@@ -1,0 +1,55 @@
+"""`nsam anchor-text`: write the general text the memory levels are anchored to.
+
+The frozen model writes it itself (sampled replies to "write a paragraph about ..." prompts):
+KL to the frozen model on its own samples estimates how far a level moved its distribution, and
+thousands of tokens of it, a few hundred per training step, cover far more than a hand-written
+paragraph. Deterministic for a seed; the package ships the output as `model/presets/anchor.txt`.
+The accept/reject probe (`probe.txt`) stays hand-written prose, held out from training.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TOPICS = (
+    "rivers", "the history of bread", "how bridges are built", "volcanoes", "the post office", "honeybees",
+    "chess", "the moon", "railways in the nineteenth century", "coral reefs", "how a bicycle works",
+    "the printing press", "winter in the mountains", "a small fishing village", "the human heart",
+    "libraries", "clouds and rain", "ancient Rome", "how glass is made", "a city market", "owls",
+    "the invention of the telephone", "football", "deserts", "how vaccines work", "a lighthouse",
+    "the violin", "electricity at home", "forests in autumn", "the Silk Road", "tea", "whales",
+    "a school day", "the French Revolution", "how plants grow", "maps and map making", "a thunderstorm",
+    "castles", "the stock market", "a family dinner", "the solar system", "wool and weaving",
+    "a museum visit", "earthquakes", "the history of writing", "a cup of coffee", "penguins", "the Olympic games",
+)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nsam anchor-text", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "model" / "presets")
+    parser.add_argument("--tokens", type=int, default=160, help="tokens per paragraph")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    from nsam.model.runtime import NsamModel, SamplingParams
+
+    model = NsamModel.load(args.model)
+    gen = model.generator(args.batch, learning=False)
+    texts = {t: "" for t in TOPICS}
+    fresh = model.new_session_state(None)
+    for i, topic in enumerate(TOPICS):
+        ids = model.encode_chat([{"role": "user", "content": f"Write a paragraph about {topic}."}], 512)
+        gen.add(topic, ids, fresh, SamplingParams(max_tokens=args.tokens, temperature=args.temperature,
+                                                 top_p=0.95, seed=args.seed + i))
+    while gen.has_work():
+        for event in gen.step():
+            texts[event.request_id] += event.text
+    paragraphs = [" ".join(texts[t].split()) for t in TOPICS]
+    out = args.out / "anchor.txt"
+    out.write_text("\n".join(p for p in paragraphs if p) + "\n", encoding="utf-8")
+    print(f"{out}: {sum(model.count_tokens(p) for p in paragraphs)} tokens")
+    return 0
