@@ -1,0 +1,94 @@
+"""Consolidation alone, for A/B runs of its settings: each user states facts in one session
+(scripted replies, no medium level), the session is consolidated once, and a fresh session of
+that user is asked the benchmark's paraphrased questions and its never-taught ones.
+
+    python benchmarks/consolidation.py --users 3 --json out/cons.json
+    python benchmarks/consolidation.py --users 3 --config '{"binding_weight": 0}' --json out/cons_nobind.json
+
+Reports per user and on average: recall, false binding, and the perplexity change on general
+English with the consolidated level vs the frozen model (the same first `--general-tokens`
+tokens learning.py's forgetting figure uses). Much faster than learning.py (one consolidation
+per user, no chat turns), so settings can be compared before a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from episodes import make_episodes
+from learning import DEFAULT_GENERAL, Chat, false_bound, log, mean_loss, score
+from nsam.model.runtime import NsamModel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--users", type=int, default=3)
+    ap.add_argument("--facts", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--config", default="{}", help="ConsolidationConfig overrides as JSON")
+    ap.add_argument("--general", type=Path, default=DEFAULT_GENERAL)
+    ap.add_argument("--general-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    m = NsamModel.load("default")
+    overrides = json.loads(args.config)
+    m.consolidation = dataclasses.replace(m.consolidation, **overrides)
+    episodes = make_episodes(max(args.users, 10), args.facts, seed=args.seed)[:args.users]
+    general = m.tokenizer.encode(args.general.read_text(encoding="utf-8")[:args.general_tokens * 8])
+    general = general[:args.general_tokens]
+    frozen_loss = mean_loss(m, general)
+    chat = Chat(m, 24, learning=True)
+    fresh_user, fresh_session = m.new_user_state(), m.new_session_state(None)
+    rows, answers = [], {}
+    for e in episodes:
+        transcript = []
+        for f in e.facts:
+            transcript += [{"role": "user", "content": f.statement},
+                           {"role": "assistant", "content": "Got it, I will remember that."}]
+        t0 = time.perf_counter()
+        user, report = m.consolidate(fresh_user, fresh_session, transcript)
+        seconds = time.perf_counter() - t0
+        level = m._read(user, "user").levels["user"]
+        session = m.new_session_state(user)
+        expected, untaught, values = {}, [], {}
+        requests = []
+        for f in e.facts:
+            for j, q in enumerate(f.questions):
+                key = f"{e.user}|x|{f.attribute}|{j}"
+                requests.append((key, m.encode_chat([{"role": "user", "content": q}], 256), session))
+                expected[key] = f.value
+        for j, q in enumerate(e.untaught):
+            key = f"{e.user}|u|{j}"
+            requests.append((key, m.encode_chat([{"role": "user", "content": q}], 256), session))
+            untaught.append(key)
+            values[key] = [f.value for f in e.facts]
+        out = {k: v[0] for k, v in chat.run(requests).items()}
+        answers.update(out)
+        row = {"user": e.user, "accepted": report.accepted, "reason": report.reason, "step_scale": report.step_scale,
+               "recall": score(out, expected), "false_binding": false_bound(out, untaught, values),
+               "general_ppl_change": math.exp(mean_loss(m, general, level) - frozen_loss) - 1,
+               "seconds": seconds}
+        rows.append(row)
+        log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%}, general ppl "
+            f"{row['general_ppl_change']:+.2%}, {report.reason}, {seconds:.0f}s")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("recall", "false_binding", "general_ppl_change", "seconds")}
+    log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%}, "
+        f"general ppl {mean['general_ppl_change']:+.2%} (frozen model: recall 0, ppl change 0)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"config": overrides, "mean": mean, "users": rows, "answers": answers},
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()
