@@ -185,7 +185,7 @@ def value_batch(tokenizer, slots: list[Slot], values: list[str], targets: list[s
     candidates = sorted({t for t in firsts.values() if t is not None})
     examples, target = [], []
     for slot, value in zip(slots, targets):
-        pre, first = _value_start(tokenizer, slot.prefix, value) if value else (tokenizer.encode(slot.prefix), None)
+        pre = _value_start(tokenizer, slot.prefix, value)[0] if value else tokenizer.encode(slot.prefix)
         prompt = tokenizer.encode_chat([{"role": "user", "content": slot.question}])
         examples.append(TrainingExample(prompt + pre + [0], [0.0] * (len(prompt) + len(pre) - 1) + [1.0]))
         target.append(candidates.index(firsts[value]) if value and firsts[value] in candidates else -1)
@@ -198,6 +198,44 @@ def value_batch(tokenizer, slots: list[Slot], values: list[str], targets: list[s
 def fact_slots(facts: list[Fact], form: int) -> list[Slot]:
     """Each fact's question (form `form`) with its answer up to the value."""
     return [Slot(f.questions[form % len(f.questions)], f.answer[:f.answer.rindex(f.value)].rstrip()) for f in facts]
+
+
+@dataclass(frozen=True)
+class ValueTerms:
+    """The binding and untaught-slot terms of one rehearsal: batches built once, the slots'
+    reference distribution from the parent levels, one binding batch per question form."""
+
+    slots: ValueBatch | None
+    slot_ref: torch.Tensor | None
+    bindings: list[ValueBatch]
+    slot_weight: float
+    binding_weight: float
+
+    def loss(self, logits_fn, step: int) -> torch.Tensor | float:
+        loss = 0.0
+        if self.slots is not None:
+            loss = loss + self.slot_weight * slot_loss(logits_fn(self.slots.ids, self.slots.select), self.slot_ref,
+                                                       self.slots)
+        if self.bindings:
+            batch = self.bindings[step % len(self.bindings)]
+            loss = loss + self.binding_weight * binding_loss(logits_fn(batch.ids, batch.select), batch)
+        return loss
+
+
+def value_terms(tokenizer, facts: list[Fact], near: list[Fact], taught: set[str], forms: int, n_slots: int,
+                slot_weight: float, binding_weight: float, parent_logits) -> ValueTerms:
+    """Binding over `facts` (each question form in turn) and `n_slots` untaught slots near `near`;
+    `parent_logits(ids)` gives the reference the slots are held to."""
+    values = [f.value for f in facts]
+    untaught = untaught_slots(near, taught, n_slots) if slot_weight else []
+    slots = value_batch(tokenizer, untaught, values, [None] * len(untaught)) if untaught else None
+    bindings = [value_batch(tokenizer, fact_slots(facts, r), values, values) for r in range(forms)
+                ] if binding_weight and len(facts) > 1 else []
+    slot_ref = None
+    if slots is not None:
+        with torch.inference_mode():
+            slot_ref = F.log_softmax(parent_logits(slots.ids)[slots.select].float(), -1)
+    return ValueTerms(slots, slot_ref, bindings, slot_weight, binding_weight)
 
 
 def binding_loss(logits: torch.Tensor, batch: ValueBatch) -> torch.Tensor:
@@ -250,14 +288,9 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
     chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
     taught = {f.key for f in new_facts + earlier}
-    values = [f.value for f in new_facts + earlier]
-    turn_slots = untaught_slots(new_facts, taught, TURN_SLOTS) if TURN_SLOT_WEIGHT else []
-    slots = value_batch(tokenizer, turn_slots, values, [None] * len(turn_slots)) if turn_slots else None
-    bindings = [value_batch(tokenizer, fact_slots(new_facts + earlier, r), values, values) for r in range(forms)
-                ] if TURN_BINDING_WEIGHT and len(values) > 1 else []
+    terms = value_terms(tokenizer, new_facts + earlier, new_facts, taught, forms, TURN_SLOTS, TURN_SLOT_WEIGHT,
+                        TURN_BINDING_WEIGHT, lambda ids: _parent_logits(model, spec, frozen, state, ids))
     with torch.inference_mode():
-        slot_ref = F.log_softmax(_parent_logits(model, spec, frozen, state, slots.ids)[slots.select].float(), -1
-                                 ) if slots else None
         ref = F.log_softmax(_parent_logits(model, spec, frozen, state, anchor)[anchor_sel].float(), -1)
         chat_ref = F.log_softmax(_parent_logits(model, spec, frozen, state, chat_ids)[chat_sel].float(), -1)
     step, negatives = [0], [None]
@@ -269,11 +302,7 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
         answer = (losses * weights).sum() / weights.sum()
         loss = answer + TURN_KL_WEIGHT * (_kl(logits_fn(anchor, anchor_sel), ref, None)
                                           + _kl(logits_fn(chat_ids, chat_sel), chat_ref, chat_w))
-        if slots is not None:
-            loss = loss + TURN_SLOT_WEIGHT * slot_loss(logits_fn(slots.ids, slots.select), slot_ref, slots)
-        if bindings:
-            batch = bindings[(step[0] - 1) % len(bindings)]
-            loss = loss + TURN_BINDING_WEIGHT * binding_loss(logits_fn(batch.ids, batch.select), batch)
+        loss = loss + terms.loss(logits_fn, step[0] - 1)
         if negatives[0] is not None:
             n_ids, n_select, n_weights, n_ref = negatives[0]
             loss = loss + TURN_NEGATIVE_WEIGHT * _kl(logits_fn(n_ids, n_select), n_ref, n_weights)
@@ -460,13 +489,9 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     anchors = anchor_windows(anchor_ids, config.anchor_window)
     neg = _selected(negatives) if negatives else None
     chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
-    values = [f.value for f in facts]
-    untaught_slots_ = untaught_slots(facts, taught, config.slots) if config.slot_weight else []
-    slots = value_batch(tokenizer, untaught_slots_, values, [None] * len(untaught_slots_)) if untaught_slots_ else None
-    bindings = [value_batch(tokenizer, fact_slots(facts, r), values, values) for r in range(forms)
-                ] if config.binding_weight and len(facts) > 1 else []
+    terms = value_terms(tokenizer, facts, facts, taught, forms, config.slots, config.slot_weight,
+                        config.binding_weight, model)
     with torch.inference_mode():
-        slot_ref = F.log_softmax(model(slots.ids)[slots.select].float(), -1) if slots else None
         chat_ref = _frozen(model, ("chat-anchor-logprobs",), lambda: F.log_softmax(model(chat_ids)[chat_sel].float(), -1))
         neg_ref = torch.cat([_frozen(model, ("answer-logprobs", tuple(e.ids)), lambda e=e: _answer_logprobs(model, e))
                              for e in negatives]) if neg is not None else None
@@ -485,11 +510,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             anchor_ref = F.log_softmax(model(anchor)[0].float(), -1)
         kl = _kl(logits_fn(anchor)[0], anchor_ref, None) + _kl(logits_fn(chat_ids, chat_sel), chat_ref, chat_w)
         loss = loss + config.kl_weight * kl
-        if slots is not None:
-            loss = loss + config.slot_weight * slot_loss(logits_fn(slots.ids, slots.select), slot_ref, slots)
-        if bindings:
-            batch = bindings[(step[0] - 1) % len(bindings)]
-            loss = loss + config.binding_weight * binding_loss(logits_fn(batch.ids, batch.select), batch)
+        loss = loss + terms.loss(logits_fn, step[0] - 1)
         if neg is not None:
             loss = loss + config.untaught_weight * _kl(logits_fn(neg[0], neg[1]), neg_ref, neg[3])
         return loss, surprise
