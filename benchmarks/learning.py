@@ -192,9 +192,10 @@ def online_ppl(m: NsamModel, docs: list[Path], doc_tokens: int, chunk: int, offs
 
 
 # -- the phases ------------------------------------------------------------------------------
-def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states: dict[str, bytes]):
+def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states: dict[str, bytes],
+                   learning: bool = True):
     """Session 1 for every user, batched across users: facts then filler, one turn each; the
-    model replies with its own words; update_medium after each reply."""
+    model replies with its own words; update_medium after each reply (`learning`)."""
     states = {e.user: m.new_session_state(user_states[e.user]) for e in episodes}
     history = {e.user: [] for e in episodes}
     turns = {e.user: [f.statement for f in e.facts] + list(e.filler) for e in episodes}
@@ -209,6 +210,8 @@ def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states:
         out = chat.run(reqs)
         for rid, (text, state) in out.items():
             history[rid].append({"role": "assistant", "content": text})
+            if not learning:
+                continue
             t0 = time.perf_counter()
             states[rid], reports = m.update_medium(state, history[rid])
             upd_seconds += time.perf_counter() - t0
@@ -217,19 +220,26 @@ def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states:
     return states, history, upd_seconds, upd_tokens
 
 
-def filler_leakage(episodes, history: dict[str, list[dict]]) -> tuple[float, list[str]]:
-    """Replies to the ordinary (filler) turns of session 1 that contain one of the user's taught
-    values: a level that rehearses facts must not recite them in unrelated answers."""
-    leaked, replies = 0, []
+def filler_replies(episodes, history: dict[str, list[dict]]) -> dict:
+    """Replies to the ordinary (filler) turns of session 1: the share that recite one of the
+    user's taught values (a level that rehearses facts must not), and the share that open like
+    an earlier reply of the session (same first six words: the model copies itself instead of
+    answering)."""
+    leaked, repeated, replies = 0, 0, []
     for e in episodes:
         values = [f.value for f in e.facts]
         msgs = history[e.user]
+        earlier: set[tuple[str, ...]] = set()
         for i in range(0, len(msgs) - 1, 2):
+            reply = msgs[i + 1]["content"]
+            opening = tuple(reply.lower().split()[:6])
             if msgs[i]["content"] in e.filler:
-                reply = msgs[i + 1]["content"]
                 replies.append(reply)
                 leaked += any(matches(reply, v) for v in values)
-    return leaked / max(len(replies), 1), replies
+                repeated += opening in earlier
+            earlier.add(opening)
+    n = max(len(replies), 1)
+    return {"with_taught_value": leaked / n, "repeating_an_earlier_reply": repeated / n, "examples": replies[:6]}
 
 
 def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
@@ -373,10 +383,17 @@ def main() -> None:
     states, history, upd_s, upd_tok = teach_sessions(m, chat, episodes, args.window,
                                                      {e.user: fresh_user for e in episodes})
     details["teach_seconds"] = time.perf_counter() - t0
-    leak, filler_replies = filler_leakage(episodes, history)
-    details["filler_replies_with_taught_value"] = leak
-    details["filler_reply_examples"] = filler_replies[:6]
-    log(f"filler replies containing a taught value: {leak:.0%}")
+    filler = filler_replies(episodes, history)
+    _, frozen_history, _, _ = teach_sessions(m, Chat(m, args.batch, learning=False), episodes, args.window,
+                                             {e.user: fresh_user for e in episodes}, learning=False)
+    filler_frozen = filler_replies(episodes, frozen_history)
+    details["filler_replies_with_taught_value"] = filler["with_taught_value"]
+    details["filler_replies_repeating_an_earlier_reply"] = filler["repeating_an_earlier_reply"]
+    details["filler_reply_examples"] = filler["examples"]
+    details["filler_frozen"] = filler_frozen
+    log(f"filler replies containing a taught value: {filler['with_taught_value']:.0%} "
+        f"(frozen {filler_frozen['with_taught_value']:.0%}); opening like an earlier reply: "
+        f"{filler['repeating_an_earlier_reply']:.0%} (frozen {filler_frozen['repeating_an_earlier_reply']:.0%})")
     session_state_bytes = len(states[episodes[0].user])
 
     # 2) in-session recall: facts out of the window, same session state.

@@ -117,6 +117,12 @@ def chat_example(tokenizer, messages: list[dict[str, str]], train_roles: tuple[s
     return TrainingExample(ids, weights[1:])
 
 
+def qa_example(tokenizer, question: str, fact: Fact) -> TrainingExample:
+    """`question` answered with the fact's answer, weighted on the answer."""
+    return chat_example(tokenizer, [{"role": "user", "content": question},
+                                    {"role": "assistant", "content": fact.answer}], ("assistant",))
+
+
 # A turn's rehearsal: weight of the KL anchor (general text, parent levels as reference), and
 # of the on-policy negatives taken halfway through its steps.
 TURN_KL_WEIGHT = 10.0
@@ -277,8 +283,7 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     earlier = [f for f in extract_facts("\n".join(users[-20:-1])) if f.key not in keys]
 
     def qa(f: Fact, form: int) -> TrainingExample:
-        return chat_example(tokenizer, [{"role": "user", "content": f.questions[form % len(f.questions)]},
-                                        {"role": "assistant", "content": f.answer}], ("assistant",))
+        return qa_example(tokenizer, f.questions[form % len(f.questions)], f)
 
     forms = max(len(f.questions) for f in new_facts)
     rounds = [_selected([qa(f, r) for f in new_facts for r in range(forms)] + [qa(f, r) for f in earlier])
@@ -286,7 +291,7 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     windows = anchor_windows(anchor_ids, TURN_ANCHOR_TOKENS)
     anchor = windows[len(users) % len(windows)]  # each turn anchors on another stretch of text
     anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
-    chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
+    chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer, context=turn))
     taught = {f.key for f in new_facts + earlier}
     terms = value_terms(tokenizer, new_facts + earlier, new_facts, taught, forms, TURN_SLOTS, TURN_SLOT_WEIGHT,
                         TURN_BINDING_WEIGHT, lambda ids: _parent_logits(model, spec, frozen, state, ids))
@@ -353,18 +358,24 @@ def _frozen(model: Transformer, key: tuple, compute):
     return cache[key]
 
 
-def chat_anchor(model: Transformer, tokenizer, count: int = 2, tokens: int = 40) -> list[TrainingExample]:
+def chat_anchor(model: Transformer, tokenizer, count: int = 2, tokens: int = 40,
+                context: list[dict[str, str]] = ()) -> list[TrainingExample]:
     """The frozen model's own greedy replies to ordinary questions (computed once per model),
     weighted on the reply: KL along them keeps a level from changing how the assistant answers
-    everything else (a rehearsed fact otherwise leaks into unrelated replies)."""
+    everything else (a rehearsed fact otherwise leaks into unrelated replies). With `context`
+    (earlier messages of the conversation) the question comes after it: a level must not make
+    the assistant copy its last reply instead of answering the new question."""
     def compute():
         out = []
         for q in GENERAL_QUESTIONS[-count:]:
             prompt = tokenizer.encode_chat([{"role": "user", "content": q}])
-            reply = _greedy(model, prompt, tokens, tokenizer.eos_token_ids)
-            out.append(TrainingExample(prompt + reply, [0.0] * (len(prompt) - 1) + [1.0] * len(reply)))
+            out.append((q, _greedy(model, prompt, tokens, tokenizer.eos_token_ids)))
         return out
-    return _frozen(model, ("chat-anchor", count, tokens), compute)
+    examples = []
+    for q, reply in _frozen(model, ("chat-anchor", count, tokens), compute):
+        prompt = tokenizer.encode_chat([*context, {"role": "user", "content": q}])
+        examples.append(TrainingExample(prompt + reply, [0.0] * (len(prompt) - 1) + [1.0] * len(reply)))
+    return examples
 
 
 def _answer_logprobs(model: Transformer, example: TrainingExample) -> torch.Tensor:
@@ -465,15 +476,13 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         return user_state, ConsolidationReport(False, "no-data", baseline, baseline, math.nan, 0, 0.0,
                                                user_state.weight_norm(), time.perf_counter() - started)
 
-    rehearsal = [chat_example(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": f.answer}],
-                              ("assistant",)) for f in facts for q in f.questions]
+    rehearsal = [qa_example(tokenizer, q, f) for f in facts for q in f.questions]
     if config.replay == "facts" and facts:  # only the messages that stated something
         statements = [m for m in statements if extract_facts(m["content"])] or statements
     replay = [chat_example(tokenizer, [m], ("user",)) for m in statements]
     # Rehearsal rounds: each step sees one question form per fact, cycling through the forms.
     forms = max((len(f.questions) for f in facts), default=1) if config.rotate_questions else 1
-    rounds = [[chat_example(tokenizer, [{"role": "user", "content": f.questions[r % len(f.questions)]},
-                                        {"role": "assistant", "content": f.answer}], ("assistant",))
+    rounds = [[qa_example(tokenizer, f.questions[r % len(f.questions)], f)
                for f in facts] for r in range(forms)] if config.rotate_questions else [rehearsal]
     taught = {f.key for f in facts}
     untaught = [u for u in UNTAUGHT_PROBES if u not in taught][:config.untaught_probes]

@@ -2,7 +2,8 @@
 
 import torch
 
-from nsam.model.consolidation import (Slot, ValueBatch, _selected, anchor_windows, binding_loss, chat_example,
+from nsam.model.consolidation import (Slot, ValueBatch, _selected, anchor_windows, binding_loss, chat_anchor,
+                                      chat_example,
                                       extract_facts, fact_slots, learn_turn, near_miss_questions, slot_loss,
                                       untaught_slots, value_batch)
 from nsam.model.levels import LoraState
@@ -78,6 +79,19 @@ def test_value_batch_cuts_each_question_at_the_position_that_predicts_its_value(
         assert fact.value.startswith(own)  # the number's first digit, not the space before it
     untaught = value_batch(tok, [Slot("What is my aunt's name?", "Your aunt's name is")], values, [None])
     assert untaught.target.tolist() == [-1]
+
+
+def test_chat_anchor_in_context_asks_after_the_conversation_and_keeps_the_frozen_reply(tiny):
+    context = [{"role": "user", "content": "My sister's name is Geiplex."},
+               {"role": "assistant", "content": "Your sister's name is Geiplex."}]
+    plain = chat_anchor(tiny.model, tiny.tokenizer, count=2, tokens=6)
+    within = chat_anchor(tiny.model, tiny.tokenizer, count=2, tokens=6, context=context)
+    assert len(plain) == len(within) == 2
+    for p, w in zip(plain, within):
+        reply = sum(1 for x in p.weights if x > 0)
+        assert reply > 0 and sum(1 for x in w.weights if x > 0) == reply
+        assert w.ids[-reply:] == p.ids[-reply:]  # the same frozen reply, now after the conversation
+        assert "Geiplex" in tiny.tokenizer.decode(w.ids[:-reply]) and "Geiplex" not in tiny.tokenizer.decode(p.ids)
 
 
 def test_binding_loss_prefers_each_questions_own_value_among_the_taught_ones():
