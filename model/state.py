@@ -7,6 +7,7 @@ written by another model or level config is refused with `StateError`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 
@@ -36,7 +37,7 @@ class MemoryState:
                     continue  # the user level's moments stay in the user's own state
                 tensors[f"{name}/{field_name}"] = t.contiguous()
         meta = {"format": FORMAT, "kind": self.kind, "fingerprint": fingerprint,
-                "levels": ",".join(sorted(self.levels))}
+                "levels": ",".join(sorted(self.levels)), "sha256": _digest(tensors)}
         # One metadata entry: safetensors does not keep the order of several, and the same
         # state must always give the same bytes.
         return save(tensors, metadata={"nsam": json.dumps(meta, sort_keys=True)})
@@ -55,6 +56,10 @@ class MemoryState:
         if meta.get("fingerprint") != fingerprint:
             raise StateError("this state was written for another model or level configuration "
                              f"(fingerprint {meta.get('fingerprint')}, this server is {fingerprint})")
+        # States written before the digest existed have none; they are still read.
+        if "sha256" in meta and meta["sha256"] != _digest(tensors):
+            raise StateError("the state's tensor data is corrupt (its SHA-256 does not match the one written "
+                             "with it); the stored copy is damaged")
         levels = {}
         for name in filter(None, meta.get("levels", "").split(",")):
             spec = config.get(name)
@@ -71,6 +76,17 @@ class MemoryState:
 
     def with_level(self, name: str, state: LevelState) -> "MemoryState":
         return replace(self, levels={**self.levels, name: state})
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes, in name order: a damaged copy (a
+    flipped bit in Redis or on disk) is refused instead of serving wrong weights."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
 
 
 def _metadata(data: bytes) -> dict[str, str]:

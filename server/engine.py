@@ -139,6 +139,7 @@ class ModelThread:
                        params: Any, fresh_tokens: int | None = None) -> AsyncIterator[Any]:
         """Streams TokenEvents of one turn, then one TurnEnd. Closing the iterator early
         cancels the turn."""
+        from nsam.model.runtime import StateError
         if self._generator is None or self._stopped.is_set():
             raise Unavailable("the model is not serving generation now")
         turn = _Turn(f"t{next(self._ids)}", prompt_ids, state, params, asyncio.Queue(),
@@ -148,6 +149,9 @@ class ModelThread:
         try:
             while not finished:
                 for item in await turn.sink.get():
+                    if isinstance(item, StateError):
+                        raise FailedPrecondition(f"this session's stored memory state cannot be read: {item}. "
+                                                 "End it and create a new session") from item
                     if isinstance(item, BaseException):
                         raise item
                     finished = isinstance(item, TurnEnd)
@@ -314,7 +318,13 @@ class Engine:
                                       f"(half the {self.context_window}-token context window)")
         level = await self.store.get_user_level(user)
         user_state = level.state if level else None
-        state = await self.thread.call(self.model.new_session_state, user_state)
+        from nsam.model.runtime import StateError
+        try:
+            state = await self.thread.call(self.model.new_session_state, user_state)
+        except StateError as exc:
+            raise FailedPrecondition(
+                f"the stored memory level of user {user!r} (version {level.version}) cannot be read: {exc}. "
+                "Roll it back to an earlier version (RollbackMemory) or forget the user (ForgetUser)") from exc
         transcript = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return await self.store.create_session(user, state, level.version if level else 0,
                                                transcript)

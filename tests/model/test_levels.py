@@ -109,6 +109,16 @@ def test_foreign_or_corrupt_state_is_refused(tiny):
         tiny.check_state(b"\x00" * 40, "user")
 
 
+def test_a_state_with_a_flipped_bit_in_its_tensors_is_refused(tiny):
+    good, _ = tiny.update_medium(tiny.new_session_state(None),
+                                 [{"role": "user", "content": "my cat is Tom"}, {"role": "assistant", "content": "ok"}])
+    tiny.check_state(good, "session")
+    damaged = bytearray(good)
+    damaged[-3] ^= 0x10  # inside the last tensor's data, past the header
+    with pytest.raises(StateError, match="corrupt"):
+        tiny.check_state(bytes(damaged), "session")
+
+
 def _run(model, jobs, max_tokens=12):
     g = model.generator(4)
     for rid, ids, state in jobs:

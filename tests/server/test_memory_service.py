@@ -132,3 +132,36 @@ async def test_rollback_to_a_bad_version_is_refused(client):
             await client.rollback(version, "alice")
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert (await client.memory("alice")).version == 1
+
+
+def _damage(r, key: str) -> None:
+    """Flip one bit inside the stored state's tensor data (past the safetensors header)."""
+    state = bytearray(r.hget(key, "state"))
+    state[-5] ^= 0x01
+    r.hset(key, "state", bytes(state))
+
+
+async def test_a_damaged_stored_level_is_refused_with_what_to_do_and_rollback_recovers(client, redis_db):
+    r = redis_db[1]
+    await import_empty(client, "alice")
+    await import_empty(client, "alice")
+    _damage(r, "nsam:{alice}:level:2")
+    with pytest.raises(NsamError) as err:
+        await client.create_session("alice")
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "corrupt" in err.value.message and "RollbackMemory" in err.value.message
+    await client.rollback(1, "alice")
+    assert (await client.create_session("alice")).user_memory_version == 3
+
+
+async def test_a_damaged_session_state_fails_the_turn_and_keeps_the_session(client, redis_db):
+    r = redis_db[1]
+    s = await client.create_session("alice")
+    _damage(r, f"nsam:{{alice}}:session:{s.session_id}")
+    with pytest.raises(NsamError) as err:
+        await client.send(s.session_id, "hello", Sampling(max_tokens=3))
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "create a new session" in err.value.message
+    assert (await client.get_session(s.session_id)).turns == 0
+    fresh = await client.create_session("alice")
+    assert (await client.send(fresh.session_id, "hello", Sampling(max_tokens=3))).text
