@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .backbone import Transformer
 from .levels import LevelSpec, LoraState
+from .sampling import greedy_continuation
 from .updates import (LevelReport, TrainingExample, _batch, guard, lora_logits, lora_logits_at, token_losses,
                       train_lora, update_on_examples)
 
@@ -333,16 +334,7 @@ def _parent_logits(model: Transformer, spec: LevelSpec, frozen: list[LoraState],
 
 
 def _greedy(model: Transformer, ids: list[int], n: int, eos: tuple[int, ...]) -> list[int]:
-    out: list[int] = []
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        for _ in range(n):
-            nxt = int(model(x)[0, -1].argmax())
-            if nxt in eos:
-                break
-            out.append(nxt)
-            x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
-    return out
+    return greedy_continuation(lambda x: model(x)[0, -1], ids, n, eos)
 
 
 # What the frozen model says does not change between consolidations: computed once per model.
@@ -387,20 +379,15 @@ def _answer_logprobs(model: Transformer, example: TrainingExample) -> torch.Tens
 
 def _greedy_level(model: Transformer, spec: LevelSpec, levels: list[LoraState], ids: list[int], n: int,
                   eos: tuple[int, ...]) -> list[int]:
-    """Greedy continuation with LoRA levels applied (no cache: short answers only)."""
+    """Greedy continuation with LoRA levels applied."""
     zero_a = levels[0].a.new_zeros(len(spec.layers), 0, levels[0].a.shape[-1])
     zero_b = levels[0].b.new_zeros(len(spec.layers), levels[0].b.shape[1], 0)
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(n):
-            x = torch.tensor([ids + out])
-            select = torch.zeros_like(x, dtype=torch.bool)
-            select[0, -1] = True
-            nxt = int(lora_logits_at(model, spec, levels, zero_a, zero_b, x, select)[0].argmax())
-            if nxt in eos:
-                break
-            out.append(nxt)
-    return out
+
+    def next_logits(x: torch.Tensor) -> torch.Tensor:
+        select = torch.zeros_like(x, dtype=torch.bool)
+        select[0, -1] = True
+        return lora_logits_at(model, spec, levels, zero_a, zero_b, x, select)[0]
+    return greedy_continuation(next_logits, ids, n, eos)
 
 
 def _on_policy_negatives(model: Transformer, tokenizer, spec: LevelSpec, levels: list[LoraState],

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .backbone import Transformer
 from .consolidation import GENERAL_QUESTIONS
 from .levels import AssociativeState, BatchLevels, FastLevelRunner, FastMemory
+from .sampling import greedy_continuation
 
 _ATTRIBUTES = ("favourite colour", "locker code", "cat's name", "home town", "employer", "boat's name",
                "lucky number", "sister's name", "street", "car's name", "teacher's name", "password hint",
@@ -75,20 +76,11 @@ def control_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
     return [(a, tokenizer.encode_chat([{"role": "user", "content": q}])) for a, q in questions]
 
 
-@torch.no_grad()
 def reference_replies(model: Transformer, prompts: list[list[int]], max_tokens: int, stop: set[int]) -> list[list[int]]:
-    """The backbone's greedy replies (no memory): what the memory must not change."""
+    """The backbone's greedy replies (no memory), stop token included: what the memory must not change."""
     device = _device(model)
-    out = []
-    for prompt in prompts:
-        seq = list(prompt)
-        for _ in range(max_tokens):
-            nxt = int(model(torch.tensor([seq], device=device))[0, -1].argmax())
-            seq.append(nxt)
-            if nxt in stop:
-                break
-        out.append(seq[len(prompt):])
-    return out
+    return [greedy_continuation(lambda x: model(x)[0, -1], p, max_tokens, stop, keep_stop=True, device=device)
+            for p in prompts]
 
 
 def make_control_episode(tokenizer, rng: random.Random, n_facts: int, chunk: int, distractor: list[int] | None,

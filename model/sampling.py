@@ -7,6 +7,7 @@ reproduces its tokens whatever else shares the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -81,3 +82,21 @@ def sample_batch(logits: Tensor, params: list[SamplingParams], generators: list[
     if simple:
         return logits.argmax(-1).tolist()
     return [sample_one(logits[i], p, g, h) for i, (p, g, h) in enumerate(zip(params, generators, histories))]
+
+
+def greedy_continuation(next_logits: Callable[[Tensor], Tensor], prompt: list[int], max_tokens: int,
+                        stop: Iterable[int], keep_stop: bool = False, device: torch.device | str = "cpu") -> list[int]:
+    """Greedy tokens after `prompt`, without a KV cache (short training-time replies only).
+    `next_logits(ids (1, T))` gives the logits of the token after them, (V,). A stop token
+    ends the reply; `keep_stop` includes it (as a training target that teaches stopping)."""
+    stop = set(stop)
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            nxt = int(next_logits(torch.tensor([prompt + out], device=device)).argmax())
+            if nxt in stop and not keep_stop:
+                break
+            out.append(nxt)
+            if nxt in stop:
+                break
+    return out
