@@ -13,7 +13,7 @@ import math
 import re
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .backbone import Transformer
 from .levels import LevelSpec, LoraState
 from .sampling import greedy_continuation
+from .subspace import project_out, protected_bases
 from .updates import (LevelReport, TrainingExample, _batch, guard, lora_logits, lora_logits_at, token_losses,
                       train_lora, update_on_examples)
 
@@ -440,6 +441,9 @@ class ConsolidationConfig:
     slots: int = 8
     slot_weight: float = 0.3
     binding_weight: float = 1.0  # taught values against each other at their value positions (`binding_loss`)
+    # > 0: the update of A stays out of the MLP hidden directions that hold this share of the
+    # anchor text's energy (`subspace.py`), so ordinary text passes the new level unchanged.
+    protect_energy: float = 0.0
     # On-policy negatives: at these steps, answer untaught questions with the level being trained
     # and pull it towards the frozen model along its own answers (value positions included).
     on_policy_at: tuple[int, ...] = (6,)
@@ -520,9 +524,20 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             loss = loss + config.on_policy_weight * _kl(logits_fn(ids, select), ref, weights) / len(on_policy)
         return loss, surprise
 
+    project = None
+    if config.protect_energy > 0:
+        bases = _frozen(model, ("protected", spec.layers, config.protect_energy, config.anchor_window, len(anchor_ids)),
+                        lambda: protected_bases(model, spec.layers, anchors, config.protect_energy))
+        # A fresh level (B = 0) is projected whole at no cost; a trained one keeps what it has.
+        origin = user_state.a if bool(user_state.b.any()) else torch.zeros_like(user_state.a)
+
+        def project(a: torch.Tensor) -> torch.Tensor:
+            return project_out(a, origin, bases)
     new, surprise, done = user_state, math.nan, 0
+    if project is not None:
+        new = replace(new, a=project(new.a))
     for stop in sorted({s for s in config.on_policy_at if 0 < s < config.steps}) + [config.steps]:
-        new, first = train_lora(model, spec, new, [], full_objective, stop - done, config.lr)
+        new, first = train_lora(model, spec, new, [], full_objective, stop - done, config.lr, project)
         surprise = first if done == 0 else surprise
         done = stop
         if done < config.steps and untaught_questions:

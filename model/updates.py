@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -119,12 +119,13 @@ def adam(state: LoraState, grad_a: Tensor, grad_b: Tensor, lr: float,
 
 
 def train_lora(model: Transformer, spec: LevelSpec, state: LoraState, frozen: list[LoraState],
-               objective, steps: int, lr: float) -> tuple[LoraState, float]:
+               objective, steps: int, lr: float, project_a=None) -> tuple[LoraState, float]:
     """Run `steps` Adam steps of `objective(logits_fn)` on the level's A/B.
 
     `objective` receives `logits_fn(ids) -> logits` (with the trainable level applied; given a
     boolean `select` (N, T) as well, only the logits of those positions, (K, V)) and returns
     (loss tensor, surprise float). Returns the new state and the first step's surprise.
+    `project_a(a) -> a`, when given, is applied after every step (a projected gradient method).
     """
     first_surprise = math.nan
     for i in range(steps):
@@ -140,6 +141,8 @@ def train_lora(model: Transformer, spec: LevelSpec, state: LoraState, frozen: li
         if i == 0:
             first_surprise = surprise
         state = adam(state, grad_a.detach(), grad_b.detach(), lr)
+        if project_a is not None:
+            state = replace(state, a=project_a(state.a))
     return state, first_surprise
 
 
