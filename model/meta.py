@@ -1,8 +1,10 @@
 """The outer loop: meta-train the fast level's learned parts with the backbone frozen.
 
 An episode is teach → ask: the teach segment (a user stating facts, then unrelated text, padded
-to whole chunks) is written into the fast memory; then a *separate* pass — attention cannot see
-the teach tokens any more — answers a question about one fact, reading only the memory. The
+to whole chunks) is written into the fast memory. It comes in two forms: one message of facts
+followed by prose, or a chat session as the server writes it (each fact its own turn with the
+assistant's acknowledgement, unrelated exchanges between them). Then a *separate* pass —
+attention cannot see the teach tokens any more — answers a question about one fact, reading only the memory. The
 loss on the answer's value tokens, plus next-token loss on general text with the memory on (so
 reading it never hurts ordinary text), trains the projections, rates and gate through the
 memory writes. A third term keeps the memory from putting words in the model's mouth: after
@@ -33,6 +35,8 @@ _SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vo", "qui", "zan", "bel", "dor", 
               "pra", "sul", "tem", "wy", "or", "eth")
 _STATE = ("My {a} is {v}.", "By the way, my {a} is {v}.", "Just so you know, my {a} is {v}.",
           "Please remember that my {a} is {v}.", "Oh, and my {a}? It's {v}.")
+_ACK = ("Got it, your {a} is {v}.", "Noted: your {a} is {v}.", "I'll remember that your {a} is {v}.",
+        "Thanks for telling me. Your {a} is {v}.")
 _ASK = ("What is my {a}?", "Do you remember my {a}?", "Can you tell me my {a}?", "What's my {a} again?",
         "Remind me, what is my {a}?")
 
@@ -51,13 +55,18 @@ def _value(rng: random.Random) -> str:
 
 
 def make_episode(tokenizer, rng: random.Random, n_facts: int, chunk: int,
-                 distractor: list[int] | None = None, exclude: tuple[str, ...] = ()) -> Episode:
+                 distractor: list[int] | None = None, exclude: tuple[str, ...] = (),
+                 small_talk: list[tuple[str, str]] | None = None) -> Episode:
     """`distractor`: token ids written after the facts (the memory must keep them past it);
-    `exclude`: attributes not to teach."""
+    `exclude`: attributes not to teach; `small_talk`: (question, reply) exchanges — when given,
+    the facts are taught as a chat session with some of them in between (`distractor` unused)."""
     facts = [(a, _value(rng)) for a in rng.sample([a for a in _ATTRIBUTES if a not in exclude], n_facts)]
-    statement = " ".join(rng.choice(_STATE).format(a=a, v=v) for a, v in facts)
-    teach = tokenizer.encode_chat([{"role": "user", "content": statement}], add_generation_prompt=False)
-    teach += list(distractor or [])
+    if small_talk is None:
+        statement = " ".join(rng.choice(_STATE).format(a=a, v=v) for a, v in facts)
+        teach = tokenizer.encode_chat([{"role": "user", "content": statement}], add_generation_prompt=False)
+        teach += list(distractor or [])
+    else:
+        teach = tokenizer.encode_chat(_chat_session(rng, facts, small_talk), add_generation_prompt=False)
     newline = tokenizer.encode("\n")[0]
     teach += [newline] * (-len(teach) % chunk)  # whole chunks: every fact is written before the ask
     attr, value = rng.choice(facts)
@@ -68,12 +77,32 @@ def make_episode(tokenizer, rng: random.Random, n_facts: int, chunk: int,
     return Episode(teach, prompt + answer, mask)
 
 
+def _chat_session(rng: random.Random, facts: list[tuple[str, str]], small_talk: list[tuple[str, str]]) -> list[dict]:
+    """Each fact stated in its own turn and acknowledged, 0-3 unrelated exchanges placed among
+    and after them: the stream the fast level writes while it serves a session."""
+    turns = [(rng.choice(_STATE).format(a=a, v=v), rng.choice(_ACK).format(a=a, v=v)) for a, v in facts]
+    for exchange in rng.sample(small_talk, min(len(small_talk), rng.randint(0, 3))):
+        turns.insert(rng.randint(1, len(turns)), exchange)
+    return [{"role": role, "content": text} for q, r in turns for role, text in (("user", q), ("assistant", r))]
+
+
 def control_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
     """Chat prompts whose replies the memory must leave alone: general questions (attribute
-    None), and a personal question about each attribute (asked after other facts were taught)."""
+    None), and for each attribute a personal question about it and a new statement of it
+    (asked or stated after other facts were taught)."""
+    rng = random.Random(30_000)
     questions = [(None, q) for q in GENERAL_QUESTIONS]
     questions += [(a, _ASK[i % len(_ASK)].format(a=a)) for i, a in enumerate(_ATTRIBUTES)]
+    questions += [(a, _STATE[i % len(_STATE)].format(a=a, v=_value(rng))) for i, a in enumerate(_ATTRIBUTES)]
     return [(a, tokenizer.encode_chat([{"role": "user", "content": q}])) for a, q in questions]
+
+
+def small_talk_of(controls: list[tuple[str | None, list[int], list[int]]], tokenizer) -> list[tuple[str, str]]:
+    """The general control questions with the backbone's replies, as text for chat sessions
+    (`controls` in `control_prompts` order, each with its reply)."""
+    stop = set(tokenizer.eos_token_ids)
+    replies = [r for a, _, r in controls if a is None]
+    return [(q, tokenizer.decode([t for t in r if t not in stop]).strip()) for q, r in zip(GENERAL_QUESTIONS, replies)]
 
 
 def reference_replies(model: Transformer, prompts: list[list[int]], max_tokens: int, stop: set[int]) -> list[list[int]]:
@@ -84,9 +113,11 @@ def reference_replies(model: Transformer, prompts: list[list[int]], max_tokens: 
 
 
 def make_control_episode(tokenizer, rng: random.Random, n_facts: int, chunk: int, distractor: list[int] | None,
-                         attribute: str | None, prompt: list[int], reply: list[int]) -> Episode:
-    """Facts written, then a question they do not answer: the target is the backbone's reply."""
-    taught = make_episode(tokenizer, rng, n_facts, chunk, distractor, exclude=(attribute,) if attribute else ())
+                         attribute: str | None, prompt: list[int], reply: list[int],
+                         small_talk: list[tuple[str, str]] | None = None) -> Episode:
+    """Facts written, then a message they do not answer: the target is the backbone's reply."""
+    taught = make_episode(tokenizer, rng, n_facts, chunk, distractor, exclude=(attribute,) if attribute else (),
+                          small_talk=small_talk)
     return Episode(taught.teach, prompt + reply, [0.0] * (len(prompt) - 1) + [1.0] * len(reply))
 
 
@@ -144,13 +175,13 @@ def general_ppl(model: Transformer, fast: FastMemory | None, windows: list[list[
     return math.exp(sum(losses) / len(losses))
 
 
-def held_out_episodes(tokenizer, facts: int, count: int, chunk: int,
-                      distractors: list[list[int]] | None = None) -> list[Episode]:
-    """Fixed episodes from seeds never used in training."""
+def held_out_episodes(tokenizer, facts: int, count: int, chunk: int, distractors: list[list[int]] | None = None,
+                      small_talk: list[tuple[str, str]] | None = None) -> list[Episode]:
+    """Fixed episodes from seeds never used in training; with `small_talk`, taught as chat sessions."""
     out = []
     for i in range(count):
         d = distractors[i % len(distractors)] if distractors else None
-        out.append(make_episode(tokenizer, random.Random(10_000 + i), facts, chunk, d))
+        out.append(make_episode(tokenizer, random.Random(10_000 + i), facts, chunk, d, small_talk=small_talk))
     return out
 
 
@@ -167,11 +198,13 @@ def windows_of(ids: list[int], length: int) -> list[list[int]]:
 def meta_train(model: Transformer, fast: FastMemory, tokenizer, general: list[list[int]], steps: int, lr: float,
                facts: int, general_weight: float, seed: int, batch: int = 1, on_step=None,
                should_stop=None, controls: list[tuple[str | None, list[int], list[int]]] = (),
-               control_weight: float = 0.0) -> FastMemory:
+               control_weight: float = 0.0, small_talk: list[tuple[str, str]] = (),
+               chat_share: float = 0.0) -> FastMemory:
     """Adam on the fast level's learned parameters over generated episodes (in place on `fast`,
     which is also returned). `general`: equal-length windows of ordinary text, used both as
     distractors inside episodes and for the general-text loss. `controls`: (attribute, prompt,
-    backbone reply) for the control term. `on_step(step, loss, gate)` reports progress;
+    backbone reply) for the control term. `chat_share` of the episodes are taught as chat
+    sessions with `small_talk` exchanges among the facts. `on_step(step, loss, gate)` reports progress;
     `should_stop()` ends training early (a time budget)."""
     rng = random.Random(seed)
     fast.requires_grad_(True)
@@ -182,14 +215,18 @@ def meta_train(model: Transformer, fast: FastMemory, tokenizer, general: list[li
     def distractor() -> list[int]:
         return rng.choice(general)[:rng.randint(0, 4) * chunk]
 
+    def talk() -> list[tuple[str, str]] | None:
+        return list(small_talk) if small_talk and rng.random() < chat_share else None
+
     for step in range(1, steps + 1):
-        eps = [make_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor()) for _ in range(batch)]
+        eps = [make_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor(), small_talk=talk())
+               for _ in range(batch)]
         loss = episodes_loss(model, fast, eps, pad)
         if general_weight:
             loss = loss + general_weight * general_loss(model, fast, rng.sample(general, min(batch, len(general))))
         if control_weight and controls:
-            ctl = [make_control_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor(), *rng.choice(controls))
-                   for _ in range(batch)]
+            ctl = [make_control_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor(), *rng.choice(controls),
+                                        small_talk=talk()) for _ in range(batch)]
             loss = loss + control_weight * episodes_loss(model, fast, ctl, pad)
         opt.zero_grad()
         loss.backward()

@@ -34,7 +34,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--general-weight", type=float, default=6.0)
     parser.add_argument("--control-weight", type=float, default=1.0,
                         help="weight of keeping the backbone's replies to questions the facts do not answer")
-    parser.add_argument("--init", type=Path, help="start from these parameters (a previous run's output)")
+    parser.add_argument("--init", type=Path, help="start from these parameters (a previous run's output), "
+                                                   "at full read strength (a saved --read-scale is undone)")
+    parser.add_argument("--chat-share", type=float, default=0.5,
+                        help="share of episodes taught as chat sessions (a turn per fact, acknowledged, with "
+                             "unrelated exchanges between) rather than one message followed by prose")
     parser.add_argument("--train-text", type=Path, nargs="*", default=[],
                         help="ordinary text (files or folders of .txt) for the general loss and distractors; "
                              "default: the package's anchor text")
@@ -64,9 +68,11 @@ def main(argv: list[str]) -> int:
     model = nsam.model.to(args.device)
     fast = nsam.fast_params
     if args.init:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        fast.load_state_dict(load_file(str(args.init)))
+        with safe_open(str(args.init), "pt") as f:
+            fast.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+            fast.scale_read(1 / float((f.metadata() or {}).get("read_scale", 1.0)))
     fast = fast.to(args.device)
     chunk = fast.spec.period_tokens
     train_ids = (_text_ids(tok, args.train_text, args.train_skip_chars, 200_000) if args.train_text
@@ -81,12 +87,18 @@ def main(argv: list[str]) -> int:
     prompts = meta.control_prompts(tok)
     replies = meta.reference_replies(model, [p for _, p in prompts], 24, set(tok.eos_token_ids))
     controls = [(a, p, r) for (a, p), r in zip(prompts, replies)]
+    small_talk = meta.small_talk_of(controls, tok)
+    held_out_chat = meta.held_out_episodes(tok, args.facts, args.eval_episodes, chunk, small_talk=small_talk)
     rng = random.Random(20_000)
     held_out_controls = [meta.make_control_episode(tok, rng, args.facts, chunk, general[-1], *c) for c in controls]
+    held_out_chat_controls = [meta.make_control_episode(tok, rng, args.facts, chunk, None, *c, small_talk=small_talk)
+                              for c in controls]
 
     def evaluate() -> dict:
         out = {"answer_loss": meta.held_out_loss(model, fast, held_out),
-               "control_loss": meta.held_out_loss(model, fast, held_out_controls)}
+               "control_loss": meta.held_out_loss(model, fast, held_out_controls),
+               "chat_answer_loss": meta.held_out_loss(model, fast, held_out_chat),
+               "chat_control_loss": meta.held_out_loss(model, fast, held_out_chat_controls)}
         if eval_windows:
             out["eval_ppl"] = meta.general_ppl(model, fast, eval_windows)
         return out
@@ -105,7 +117,8 @@ def main(argv: list[str]) -> int:
         return bool(args.time_limit) and time.perf_counter() - started > args.time_limit
 
     meta.meta_train(model, fast, tok, train_windows, args.steps, args.lr, args.facts, args.general_weight,
-                    args.seed, args.batch, progress, out_of_time, controls, args.control_weight)
+                    args.seed, args.batch, progress, out_of_time, controls, args.control_weight, small_talk,
+                    args.chat_share)
     after = evaluate()
     out = args.out
     if args.install:
