@@ -225,8 +225,8 @@ def meta_train(model: Transformer, fast: FastMemory, tokenizer, general: list[li
         if general_weight:
             loss = loss + general_weight * general_loss(model, fast, rng.sample(general, min(batch, len(general))))
         if control_weight and controls:
-            ctl = [make_control_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor(), *rng.choice(controls),
-                                        small_talk=talk()) for _ in range(batch)]
+            ctl = [make_control_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor(),
+                                        *rng.choice(controls), small_talk=talk()) for _ in range(batch)]
             loss = loss + control_weight * episodes_loss(model, fast, ctl, pad)
         opt.zero_grad()
         loss.backward()
