@@ -15,13 +15,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from .errors import StateError
 from .levels import LevelsConfig, LevelState, LoraState, state_from_tensors, state_tensors
 
 FORMAT = "nsam.state/1"
-
-
-class StateError(ValueError):
-    """Bytes that are corrupt, of another kind, or written for another model/level config."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from nsam.model.errors import StateError
 from nsam.server import metrics
 from nsam.server.bounds import check_sampling
 from nsam.server.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -139,7 +140,6 @@ class ModelThread:
                        params: Any, fresh_tokens: int | None = None) -> AsyncIterator[Any]:
         """Streams TokenEvents of one turn, then one TurnEnd. Closing the iterator early
         cancels the turn."""
-        from nsam.model.runtime import StateError
         if self._generator is None or self._stopped.is_set():
             raise Unavailable("the model is not serving generation now")
         turn = _Turn(f"t{next(self._ids)}", prompt_ids, state, params, asyncio.Queue(),
@@ -318,7 +318,6 @@ class Engine:
                                       f"(half the {self.context_window}-token context window)")
         level = await self.store.get_user_level(user)
         user_state = level.state if level else None
-        from nsam.model.runtime import StateError
         try:
             state = await self.thread.call(self.model.new_session_state, user_state)
         except StateError as exc:
@@ -489,7 +488,6 @@ class Engine:
         raise Unavailable("the new version vanished; retry")
 
     async def _check_state(self, data: bytes, kind: str) -> None:
-        from nsam.model.runtime import StateError
         try:
             await self.thread.call(self.model.check_state, data, kind)
         except StateError as exc:
