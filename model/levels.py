@@ -201,12 +201,34 @@ def _write_chunk(memory: Tensor, momentum: Tensor, k: Tensor, v: Tensor, eta: Te
     return memory, momentum
 
 
+def _walk_chunks(params: "FastMemory", i: int, feats: Tensor, memory: Tensor, momentum: Tensor,
+                 open_chunk: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """B sequences at the same chunk offset, layer slot i: projected tokens feats (B, T, 3R + 2)
+    after their open chunks (B, n, 3R + 2) -> reads (B, T, R) (each token reads the memory as of
+    its chunk's start), and memory, momentum and open chunks after writing every chunk that
+    fills, with the surprise (B,) of each write."""
+    r, c = params.spec.rank, params.spec.period_tokens
+    reads, surprise, t0 = [], [], 0
+    while t0 < feats.shape[1]:
+        n = min(c - open_chunk.shape[1], feats.shape[1] - t0)
+        part = feats[:, t0:t0 + n]
+        reads.append(part[..., :r] @ memory.transpose(1, 2))
+        open_chunk, t0 = torch.cat([open_chunk, part], 1), t0 + n
+        if open_chunk.shape[1] == c:
+            k, v = open_chunk[..., r:2 * r], open_chunk[..., 2 * r:3 * r]
+            surprise.append((k @ memory.transpose(1, 2) - v).pow(2).sum(-1).mean(-1).detach())
+            memory, momentum = _write_chunk(memory, momentum, k, v, open_chunk[..., 3 * r],
+                                            open_chunk[..., 3 * r + 1], torch.sigmoid(params.momentum[i]))
+            open_chunk = open_chunk[:, :0]
+    return torch.cat(reads, 1) if len(reads) > 1 else reads[0], memory, momentum, open_chunk, surprise
+
+
 class FastLevelRunner:
     """Reads and writes the fast level of one sequence inside a forward pass.
 
     The chunk grid is absolute (positions 0, C, 2C, …), so a sequence processed in pieces
     writes exactly as one long pass does; tokens read the memory as of their chunk's start.
-    Tokens of the open chunk wait in `pending` (per layer, as projected feature rows).
+    Tokens of the open chunk wait in `open_chunk` (per layer, as projected feature rows).
     """
 
     def __init__(self, params: FastMemory, state: AssociativeState, read_only: int = 0):
@@ -217,11 +239,10 @@ class FastLevelRunner:
         self.memory = list(state.memory.unbind(0))
         self.momentum = list(state.momentum.unbind(0))
         n = int(state.pending)
-        self.pending: list[list[Tensor]] = [
-            [torch.cat([state.pending_k.new_zeros(n, self.r), state.pending_k[i, :n], state.pending_v[i, :n],
-                        state.pending_eta[i, :n, None], state.pending_alpha[i, :n, None]], 1)] if n else []
+        self.open_chunk: list[Tensor] = [
+            torch.cat([state.pending_k.new_zeros(n, self.r), state.pending_k[i, :n], state.pending_v[i, :n],
+                       state.pending_eta[i, :n, None], state.pending_alpha[i, :n, None]], 1)
             for i in range(len(self.memory))]
-        self.count = [n] * len(self.memory)
         self.read_only = [read_only] * len(self.memory)
         self._surprise: list[Tensor] = []  # per written chunk; read as floats once (no sync per chunk)
 
@@ -236,71 +257,44 @@ class FastLevelRunner:
 
     def absorb(self, i: int, feats: Tensor) -> Tensor:
         """Projected tokens (T, 3R + 2) -> their memory reads (T, R); writes each chunk as it fills."""
-        r = self.r
-        reads, t0 = [], min(self.read_only[i], feats.shape[0])
-        if t0:
-            reads.append(feats[:t0, :r] @ self.memory[i].T)
-            self.read_only[i] -= t0
-        while t0 < feats.shape[0]:
-            n = min(self.c - self.count[i], feats.shape[0] - t0)
-            part = feats[t0:t0 + n]
-            reads.append(part[:, :r] @ self.memory[i].T)
-            self.pending[i].append(part)
-            self.count[i] += n
-            t0 += n
-            if self.count[i] == self.c:
-                self._write(i, torch.cat(self.pending[i]))
+        t0 = min(self.read_only[i], feats.shape[0])
+        reads = [feats[:t0, :self.r] @ self.memory[i].T] if t0 else []
+        self.read_only[i] -= t0
+        if t0 < feats.shape[0]:
+            written, *after = _walk_chunks(self.params, i, feats[None, t0:], self.memory[i][None],
+                                           self.momentum[i][None], self.open_chunk[i][None])
+            reads.append(written[0])
+            self._keep(i, *(t[0] for t in after[:3]), [s[0] for s in after[3]])
         return torch.cat(reads) if len(reads) > 1 else reads[0]
 
-    def _write(self, i: int, chunk: Tensor) -> None:
-        r = self.r
-        k, v, eta, alpha = chunk[:, r:2 * r], chunk[:, 2 * r:3 * r], chunk[:, 3 * r], chunk[:, 3 * r + 1]
-        self._surprise.append((k @ self.memory[i].T - v).pow(2).sum(-1).mean().detach())
-        beta = torch.sigmoid(self.params.momentum[i])
-        self.memory[i], self.momentum[i] = _write_chunk(self.memory[i], self.momentum[i], k, v, eta, alpha, beta)
-        self.pending[i], self.count[i] = [], 0
+    def _keep(self, i: int, memory: Tensor, momentum: Tensor, open_chunk: Tensor, surprise: list[Tensor]) -> None:
+        self.memory[i], self.momentum[i], self.open_chunk[i] = memory, momentum, open_chunk
+        self._surprise += surprise
 
     @staticmethod
     def step_together(runners: list["FastLevelRunner"], i: int, x: Tensor) -> Tensor:
         """`step` for B sequences at the same chunk offset, x (B, T, D) -> reads (B, T, D): one
         projection, batched reads and writes (the training passes of the outer loop)."""
-        first = runners[0]
-        params, r, c, count = first.params, first.r, first.c, first.count[i]
-        if any(run.count[i] != count or run.params is not params or run.read_only[i] for run in runners):
+        params = runners[0].params
+        offset = runners[0].open_chunk[i].shape[0]
+        if any(run.open_chunk[i].shape[0] != offset or run.params is not params or run.read_only[i]
+               for run in runners):
             raise ValueError("step_together needs writing runners at the same chunk offset with the same parameters")
         b, t, _ = x.shape
         feats = params.project(i, x.reshape(b * t, -1)).view(b, t, -1)
-        memory = torch.stack([run.memory[i] for run in runners])
-        momentum = torch.stack([run.momentum[i] for run in runners])
-        open_chunk = torch.stack([torch.cat(run.pending[i]) for run in runners]) if count else feats[:, :0]
-        beta = torch.sigmoid(params.momentum[i])
-        reads, t0, surprise = [], 0, []
-        while t0 < t:
-            n = min(c - count, t - t0)
-            part = feats[:, t0:t0 + n]
-            reads.append(part[..., :r] @ memory.transpose(1, 2))
-            open_chunk = torch.cat([open_chunk, part], 1)
-            count, t0 = count + n, t0 + n
-            if count == c:
-                k, v = open_chunk[..., r:2 * r], open_chunk[..., 2 * r:3 * r]
-                surprise.append((k @ memory.transpose(1, 2) - v).pow(2).sum(-1).mean(-1).detach())
-                memory, momentum = _write_chunk(memory, momentum, k, v, open_chunk[..., 3 * r],
-                                                open_chunk[..., 3 * r + 1], beta)
-                open_chunk, count = feats[:, :0], 0
+        reads, memory, momentum, open_chunk, surprise = _walk_chunks(
+            params, i, feats, torch.stack([run.memory[i] for run in runners]),
+            torch.stack([run.momentum[i] for run in runners]), torch.stack([run.open_chunk[i] for run in runners]))
         for j, run in enumerate(runners):
-            run.memory[i], run.momentum[i], run.count[i] = memory[j], momentum[j], count
-            run.pending[i] = [open_chunk[j]] if count else []
-            run._surprise += [s[j] for s in surprise]
-        return params.read(i, torch.cat(reads, 1)).to(x.dtype)
+            run._keep(i, memory[j], momentum[j], open_chunk[j], [s[j] for s in surprise])
+        return params.read(i, reads).to(x.dtype)
 
     def state(self) -> AssociativeState:
         r, c = self.r, self.c
-        device = self.memory[0].device
-        open_chunk = [torch.cat(p) if p else torch.zeros(0, 3 * r + 2, device=device) for p in self.pending]
-        padded = torch.stack([F.pad(f.detach(), (0, 0, 0, c - f.shape[0])) for f in open_chunk])  # (L, C, 3R+2)
+        padded = torch.stack([F.pad(f.detach(), (0, 0, 0, c - f.shape[0])) for f in self.open_chunk])  # (L, C, 3R+2)
         return AssociativeState(torch.stack(self.memory), torch.stack(self.momentum), padded[:, :, r:2 * r],
                                 padded[:, :, 2 * r:3 * r], padded[:, :, 3 * r], padded[:, :, 3 * r + 1],
-                                torch.tensor(self.count[0], dtype=torch.int64))
+                                torch.tensor(self.open_chunk[0].shape[0], dtype=torch.int64))
 
 
 # -- hooks: the levels of several sequences inside one forward pass ---------------------------
