@@ -221,13 +221,15 @@ def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states:
 
 
 def filler_replies(episodes, history: dict[str, list[dict]]) -> dict:
-    """Replies to the ordinary (filler) turns of session 1: the share that recite one of the
+    """Replies of session 1. To the ordinary (filler) turns: the share that recite one of the
     user's taught values (a level that rehearses facts must not), and the share that open like
     an earlier reply of the session (same first six words: the model copies itself instead of
-    answering)."""
-    leaked, repeated, replies = 0, 0, []
+    answering). To the turns that state a fact: the share that repeat the value just stated (a
+    level that garbles it, "Stoufe" for Stoukesk after Zouvoufe was learnt, lowers it)."""
+    leaked, repeated, echoed, replies, fact_replies = 0, 0, 0, [], 0
     for e in episodes:
         values = [f.value for f in e.facts]
+        stated = {f.statement: f.value for f in e.facts}
         msgs = history[e.user]
         earlier: set[tuple[str, ...]] = set()
         for i in range(0, len(msgs) - 1, 2):
@@ -237,9 +239,13 @@ def filler_replies(episodes, history: dict[str, list[dict]]) -> dict:
                 replies.append(reply)
                 leaked += any(matches(reply, v) for v in values)
                 repeated += opening in earlier
+            elif msgs[i]["content"] in stated:
+                fact_replies += 1
+                echoed += matches(reply, stated[msgs[i]["content"]])
             earlier.add(opening)
     n = max(len(replies), 1)
-    return {"with_taught_value": leaked / n, "repeating_an_earlier_reply": repeated / n, "examples": replies[:6]}
+    return {"with_taught_value": leaked / n, "repeating_an_earlier_reply": repeated / n, "examples": replies[:6],
+            "fact_replies_with_own_value": echoed / max(fact_replies, 1)}
 
 
 def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
@@ -391,9 +397,12 @@ def main() -> None:
     details["filler_replies_repeating_an_earlier_reply"] = filler["repeating_an_earlier_reply"]
     details["filler_reply_examples"] = filler["examples"]
     details["filler_frozen"] = filler_frozen
+    details["fact_replies_with_own_value"] = filler["fact_replies_with_own_value"]
     log(f"filler replies containing a taught value: {filler['with_taught_value']:.0%} "
         f"(frozen {filler_frozen['with_taught_value']:.0%}); opening like an earlier reply: "
-        f"{filler['repeating_an_earlier_reply']:.0%} (frozen {filler_frozen['repeating_an_earlier_reply']:.0%})")
+        f"{filler['repeating_an_earlier_reply']:.0%} (frozen {filler_frozen['repeating_an_earlier_reply']:.0%}); "
+        f"fact replies repeating the value just stated: {filler['fact_replies_with_own_value']:.0%} "
+        f"(frozen {filler_frozen['fact_replies_with_own_value']:.0%})")
     session_state_bytes = len(states[episodes[0].user])
 
     # 2) in-session recall: facts out of the window, same session state.
