@@ -72,7 +72,11 @@ def main(argv: list[str]) -> int:
 
         with safe_open(str(args.init), "pt") as f:
             fast.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-            fast.scale_read(1 / float((f.metadata() or {}).get("read_scale", 1.0)))
+            saved_scale = float((f.metadata() or {}).get("read_scale", 1.0))
+        if saved_scale <= 0:
+            parser.error(f"--init {args.init}: its read gates were saved at scale {saved_scale}, so the trained "
+                         "strength cannot be recovered; start from a run's output saved at a positive --read-scale")
+        fast.scale_read(1 / saved_scale)
     fast = fast.to(args.device)
     chunk = fast.spec.period_tokens
     train_ids = (_text_ids(tok, args.train_text, args.train_skip_chars, 200_000) if args.train_text
