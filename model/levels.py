@@ -260,14 +260,16 @@ class FastLevelRunner:
     def absorb(self, i: int, feats: Tensor) -> Tensor:
         """Projected tokens (T, 3R + 2) -> their memory reads (T, R); writes each chunk as it fills."""
         t0 = min(self.read_only[i], feats.shape[0])
-        reads = [feats[:t0, :self.r] @ self.memory[i].T] if t0 else []
         self.read_only[i] -= t0
-        if t0 < feats.shape[0]:
-            written, *after = _walk_chunks(self.params, i, feats[None, t0:], self.memory[i][None],
-                                           self.momentum[i][None], self.open_chunk[i][None])
-            reads.append(written[0])
-            self._keep(i, *(t[0] for t in after[:3]), [s[0] for s in after[3]])
-        return torch.cat(reads) if len(reads) > 1 else reads[0]
+        if t0 == feats.shape[0] or self.open_chunk[i].shape[0] + feats.shape[0] - t0 < self.c:
+            # Nothing fills a chunk (a decode step, mostly): read, and let the new tokens wait.
+            self.open_chunk[i] = torch.cat([self.open_chunk[i], feats[t0:]])
+            return feats[:, :self.r] @ self.memory[i].T
+        reads = [feats[:t0, :self.r] @ self.memory[i].T] if t0 else []
+        written, memory, momentum, open_chunk, surprise = _walk_chunks(
+            self.params, i, feats[None, t0:], self.memory[i][None], self.momentum[i][None], self.open_chunk[i][None])
+        self._keep(i, memory[0], momentum[0], open_chunk[0], [s[0] for s in surprise])
+        return torch.cat(reads + [written[0]])
 
     def _keep(self, i: int, memory: Tensor, momentum: Tensor, open_chunk: Tensor, surprise: list[Tensor]) -> None:
         self.memory[i], self.momentum[i], self.open_chunk[i] = memory, momentum, open_chunk
