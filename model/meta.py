@@ -216,7 +216,7 @@ def meta_train(model: Transformer, fast: FastMemory, tokenizer, general: list[li
         return rng.choice(general)[:rng.randint(0, 4) * chunk]
 
     def talk() -> list[tuple[str, str]] | None:
-        return list(small_talk) if small_talk and rng.random() < chat_share else None
+        return small_talk if small_talk and rng.random() < chat_share else None
 
     for step in range(1, steps + 1):
         eps = [make_episode(tokenizer, rng, rng.randint(1, facts), chunk, distractor(), small_talk=talk())
