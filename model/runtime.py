@@ -67,7 +67,11 @@ class NsamModel:
         trained = "trained" if getattr(self, "fast_trained", False) else "init"
         digest = hashlib.sha256(f"{model.config.fingerprint()}|{levels!r}|{source}|{trained}".encode())
         self.fingerprint = digest.hexdigest()[:16]
+        # Two anchors: a live turn keeps the assistant's chat as it was (its own chat replies),
+        # while the user level, which sums a user's whole history, keeps the model's prose outside
+        # the chat template (its own plain continuations), where drift on ordinary text shows.
         self.anchor_ids = tokenizer.encode(_preset_text("anchor.txt"))
+        self.consolidation_anchor_ids = tokenizer.encode(_preset_text("anchor_plain.txt"))
         self.probe_ids = tokenizer.encode(_preset_text("probe.txt"))
 
     @classmethod
@@ -160,7 +164,8 @@ class NsamModel:
         user = self._read(user_state, "user")
         self._read(session_state, "session")  # refuse a foreign session before any work
         new, report = consolidate(self.model, self.tokenizer, self.levels.get("user"), user.levels["user"],
-                                  transcript, self.anchor_ids, self.probe_ids, self.consolidation)
+                                  transcript, self.consolidation_anchor_ids, self.probe_ids,
+                                  self.consolidation)
         return self._write(user.with_level("user", new)), report
 
 

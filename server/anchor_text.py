@@ -33,6 +33,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--plain", action="store_true",
+                        help="continue a bare document title instead of answering a chat request: "
+                             "the model's prose outside the chat template, where most text it will see lies")
     args = parser.parse_args(argv)
 
     from nsam.model.runtime import NsamModel, SamplingParams
@@ -42,14 +45,17 @@ def main(argv: list[str]) -> int:
     texts = {t: "" for t in TOPICS}
     fresh = model.new_session_state(None)
     for i, topic in enumerate(TOPICS):
-        ids = model.encode_chat([{"role": "user", "content": f"Write a paragraph about {topic}."}], 512)
+        if args.plain:
+            ids = model.tokenizer.encode(f"{topic[0].upper()}{topic[1:]}\n\n")
+        else:
+            ids = model.encode_chat([{"role": "user", "content": f"Write a paragraph about {topic}."}], 512)
         gen.add(topic, ids, fresh, SamplingParams(max_tokens=args.tokens, temperature=args.temperature,
                                                  top_p=0.95, seed=args.seed + i))
     while gen.has_work():
         for event in gen.step():
             texts[event.request_id] += event.text
     paragraphs = [" ".join(texts[t].split()) for t in TOPICS]
-    out = args.out / "anchor.txt"
+    out = args.out / ("anchor_plain.txt" if args.plain else "anchor.txt")
     out.write_text("\n".join(p for p in paragraphs if p) + "\n", encoding="utf-8")
     print(f"{out}: {sum(model.count_tokens(p) for p in paragraphs)} tokens")
     return 0
