@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -290,11 +291,24 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
                         "seconds": time.perf_counter() - t0}
 
 
-def _forgetting_worker(args, queue) -> None:
+def _forgetting_worker(args, queue, parent: int) -> None:
+    _exit_with(parent)
     torch.set_num_threads(args.threads)
     m = NsamModel.load(args.model)
     m.context_window = min(m.context_window, 1024)
     queue.put(forgetting_phase(m, args))
+
+
+def _exit_with(parent: int) -> None:
+    """A killed benchmark must not leave its forgetting chain running: `daemon=True` only ends
+    it when the parent exits normally, and an orphan would hold a core for an hour and more."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class ForgettingJob:
@@ -308,7 +322,8 @@ class ForgettingJob:
             import multiprocessing as mp
             ctx = mp.get_context("spawn")
             self.queue = ctx.Queue()
-            self.proc = ctx.Process(target=_forgetting_worker, args=(args, self.queue), daemon=True)
+            self.proc = ctx.Process(target=_forgetting_worker, args=(args, self.queue, os.getpid()),
+                                    daemon=True)
             self.proc.start()
 
     def result(self) -> tuple[float, dict]:
