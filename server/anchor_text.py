@@ -3,7 +3,10 @@
 The frozen model writes it itself (sampled replies to "write a paragraph about ..." prompts):
 KL to the frozen model on its own samples estimates how far a level moved its distribution, and
 thousands of tokens of it, a few hundred per training step, cover far more than a hand-written
-paragraph. Deterministic for a seed; the package ships the output as `model/presets/anchor.txt`.
+paragraph. Deterministic for a seed; the package ships the output as `model/presets/anchor.txt`
+(a live turn's anchor). `--plain` continues each bare topic title outside the chat template
+instead: the model's own prose, consolidation's anchor (`anchor_plain.txt`; the shipped file is
+seed 0 with one profane sentence taken out by hand).
 The accept/reject probe (`probe.txt`) stays hand-written prose, held out from training.
 """
 
