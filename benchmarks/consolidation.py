@@ -31,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--users", type=int, default=3)
+    ap.add_argument("--first-user", type=int, default=0, help="start at this user (split a run over processes)")
     ap.add_argument("--facts", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--config", default="{}", help="ConsolidationConfig overrides as JSON")
@@ -47,7 +48,8 @@ def main() -> None:
     m.consolidation = dataclasses.replace(m.consolidation, **overrides)
     if args.anchor:
         m.consolidation_anchor_ids = [t for path in args.anchor for t in m.tokenizer.encode(path.read_text(encoding="utf-8"))]
-    episodes = make_episodes(max(args.users, 10), args.facts, seed=args.seed)[:args.users]
+    episodes = make_episodes(max(args.first_user + args.users, 10), args.facts, seed=args.seed)
+    episodes = episodes[args.first_user:args.first_user + args.users]
     general = m.tokenizer.encode(args.general.read_text(encoding="utf-8")[:args.general_tokens * 8])
     general = general[:args.general_tokens]
     frozen_loss = mean_loss(m, general)
