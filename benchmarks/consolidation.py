@@ -47,7 +47,8 @@ def main() -> None:
     overrides = json.loads(args.config)
     m.consolidation = dataclasses.replace(m.consolidation, **overrides)
     if args.anchor:
-        m.consolidation_anchor_ids = [t for path in args.anchor for t in m.tokenizer.encode(path.read_text(encoding="utf-8"))]
+        texts = [path.read_text(encoding="utf-8") for path in args.anchor]
+        m.consolidation_anchor_ids = [t for text in texts for t in m.tokenizer.encode(text)]
     episodes = make_episodes(max(args.first_user + args.users, 10), args.facts, seed=args.seed)
     episodes = episodes[args.first_user:args.first_user + args.users]
     general = m.tokenizer.encode(args.general.read_text(encoding="utf-8")[:args.general_tokens * 8])
@@ -85,22 +86,22 @@ def main() -> None:
                "general_ppl_change": math.exp(mean_loss(m, general, level) - frozen_loss) - 1,
                "seconds": seconds}
         rows.append(row)
-        _write(args, m, overrides, rows, answers)
+        mean = _write(args, m, overrides, rows, answers)
         log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%}, general ppl "
             f"{row['general_ppl_change']:+.2%}, {report.reason}, {seconds:.0f}s")
-    mean = _write(args, m, overrides, rows, answers)
     log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%}, "
         f"general ppl {mean['general_ppl_change']:+.2%} (frozen model: recall 0, ppl change 0)")
 
 
 def _write(args, m: NsamModel, overrides: dict, rows: list[dict], answers: dict) -> dict:
     """The means so far, also written to --json after every user: a run cut short keeps its figures."""
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("recall", "false_binding", "general_ppl_change", "seconds")}
+    keys = ("recall", "false_binding", "general_ppl_change", "seconds")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": overrides, "anchor": [str(p) for p in args.anchor or []],
-                                         "anchor_tokens": len(m.consolidation_anchor_ids), "users_done": len(rows), "mean": mean,
-                                         "users": rows, "answers": answers}, indent=1))
+                                         "anchor_tokens": len(m.consolidation_anchor_ids), "users_done": len(rows),
+                                         "mean": mean, "users": rows, "answers": answers}, indent=1))
     return mean
 
 

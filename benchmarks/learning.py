@@ -34,6 +34,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -302,8 +303,6 @@ def _forgetting_worker(args, queue, parent: int) -> None:
 def _exit_with(parent: int) -> None:
     """A killed benchmark must not leave its forgetting chain running: `daemon=True` only ends
     it when the parent exits normally, and an orphan would hold a core for an hour and more."""
-    import threading
-
     def watch():
         while os.getppid() == parent:
             time.sleep(5)
