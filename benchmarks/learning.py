@@ -286,10 +286,43 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
     log(f"forgetting {forgetting:+.2%} after {len(sessions)} sessions ({accepted} accepted, {shortened} of them "
         f"cut back to the drift budget) "
         f"[{time.perf_counter() - t0:.0f}s]")
+    retention = retention_after(m, user, sessions, args.window)
+    pct = {k: "n/a" if v is None else f"{v:.0%}" for k, v in retention.items() if not isinstance(v, dict)}
+    log(f"  [forgetting] after {len(sessions)} sessions the user's latest values are recalled {pct['recall']} "
+        f"(taught in sessions 1-{len(sessions) // 2}: {pct['recall_first_half']}, later: "
+        f"{pct['recall_second_half']}); a replaced value given in {pct['stale']} of the answers")
     return forgetting, {"sessions": len(sessions), "accepted": accepted, "cut_back": shortened, "tokens": len(general),
-                        "milestones": milestones,
+                        "milestones": milestones, "retention": retention,
                         "ppl_before": math.exp(base_loss), "ppl_after": math.exp(after),
                         "seconds": time.perf_counter() - t0}
+
+
+def retention_after(m: NsamModel, user: bytes, sessions, window: int) -> dict:
+    """What the long user's level still knows after all its sessions: every attribute's question
+    forms, asked in a fresh session, scored against the value taught last (a later session may
+    restate an attribute with a new value; answering with the replaced one counts as stale)."""
+    latest, replaced = {}, {}
+    for s, facts in enumerate(sessions):
+        for f in facts:
+            if f.attribute in latest:
+                replaced.setdefault(f.attribute, []).append(latest[f.attribute][1].value)
+            latest[f.attribute] = (s, f)
+    state = m.new_session_state(user)
+    reqs, expected, taught_in = [], {}, {}
+    for attribute, (s, f) in latest.items():
+        for j, q in enumerate(f.questions):
+            rid = f"{attribute}|{j}"
+            reqs.append((rid, m.encode_chat([{"role": "user", "content": q}], window), state))
+            expected[rid], taught_in[rid] = f.value, s
+    answers = {k: v[0] for k, v in Chat(m, 24).run(reqs).items()}  # as session 2 is asked
+    half = len(sessions) // 2
+    first = {k: v for k, v in expected.items() if taught_in[k] < half}
+    second = {k: v for k, v in expected.items() if taught_in[k] >= half}
+    stale = sum(any(matches(answers[k], old) for old in replaced.get(k.split("|")[0], [])) for k in answers)
+    return {"recall": score(answers, expected), "recall_first_half": score(answers, first) if first else None,
+            "recall_second_half": score(answers, second) if second else None,
+            "stale": stale / max(len(answers), 1), "attributes": len(latest), "questions": len(answers),
+            "examples": {k: {"expected": expected[k], "answer": answers[k]} for k in list(answers)[:6]}}
 
 
 def _forgetting_worker(args, queue, parent: int) -> None:

@@ -488,7 +488,9 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     rounds = [_selected(r) for r in rounds if r]
     groups = [(_selected(replay), config.replay_weight)] if replay and config.replay_weight else []
     step = [0]
-    anchors = anchor_windows(anchor_ids, config.anchor_window)
+    # Start where the level's last consolidation stopped, so a user's sessions anchor on the
+    # whole text in turn rather than on its first windows every time.
+    anchors = anchor_windows(anchor_ids, config.anchor_window, start=int(user_state.step))
     neg = _selected(negatives) if negatives else None
     chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
     terms = value_terms(tokenizer, facts, facts, taught, forms, config.slots, config.slot_weight,
@@ -576,13 +578,16 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     return (new if ok else user_state), report
 
 
-def anchor_windows(anchor_ids: list[int], window: int) -> list[torch.Tensor]:
+def anchor_windows(anchor_ids: list[int], window: int, start: int = 0) -> list[torch.Tensor]:
     """The anchor text cut into windows of `window` tokens (all of it as one when 0): each
     training step is anchored on the next window, so a consolidation covers thousands of tokens
-    of general text at the cost of a few hundred per step."""
+    of general text at the cost of a few hundred per step. The list begins at window `start`
+    (wrapping round), where a level's next consolidation picks up."""
     if window <= 0 or window >= len(anchor_ids):
         return [torch.tensor([anchor_ids])]
-    return [torch.tensor([anchor_ids[i:i + window]]) for i in range(0, len(anchor_ids) - window + 1, window)]
+    windows = [torch.tensor([anchor_ids[i:i + window]]) for i in range(0, len(anchor_ids) - window + 1, window)]
+    start %= len(windows)
+    return windows[start:] + windows[:start]
 
 
 def _interpolate(old: LoraState, new: LoraState, alpha: float) -> LoraState:

@@ -124,6 +124,15 @@ def test_anchor_windows_cover_the_text_a_window_per_step():
     assert anchor_windows(ids, 0)[0].shape == (1, 1000)
 
 
+def test_a_levels_consolidations_anchor_on_the_whole_text_in_turn():
+    ids, steps = list(range(24 * 16)), 12
+    seen = []
+    for level_step in (0, steps, 2 * steps):  # the level's step count after 0, 1, 2 consolidations
+        windows = anchor_windows(ids, 16, start=level_step)
+        seen.append([int(windows[i % len(windows)][0, 0]) // 16 for i in range(steps)])
+    assert seen[0] == list(range(12)) and seen[1] == list(range(12, 24)) and seen[2] == seen[0]
+
+
 def test_an_update_past_the_drift_budget_is_cut_back_then_refused(tiny):
     from dataclasses import replace
 
