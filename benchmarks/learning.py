@@ -19,7 +19,10 @@ the prompt; the user's 3 most similar past messages retrieved into the prompt, m
 - false_binding: questions about things never taught answered with one of the user's values.
 - other_user_changes: greedy outputs of another user (fresh state) that change when this
   user's learned state is in the same batch (compared with the same batch without it).
-- forgetting: perplexity change on a slice of general English after one user's 20 sessions.
+- forgetting: perplexity change on a slice of general English after one user's 20 sessions
+  (2 facts each; a later session may give an attribute a new value). Its details hold the
+  same user's retention: every attribute asked in a fresh session after 5, 10 and 20 sessions,
+  scored against the value taught last.
 - online_ppl_reduction: dynamic evaluation on long documents (loss on chunk i+1 after the
   medium level updated on chunks ≤ i) vs the frozen model, as a fraction lower.
 - update_seconds_per_100_tokens, session_state_bytes, user_state_bytes.
@@ -261,6 +264,7 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
     user = m.new_user_state()
     accepted = shortened = 0
     milestones: dict[int, float] = {}
+    recalled: dict[int, float] = {}  # the same milestones: the user's latest values recalled
     sessions = make_long_user(args.forgetting_sessions, 2, seed=args.seed + 1)
     for s, facts in enumerate(sessions):
         state = m.new_session_state(user)
@@ -279,7 +283,9 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
         if s + 1 in (5, 10) and s + 1 < len(sessions):  # milestones: a long chain can be cut short
             mid = mean_loss(m, general, m._read(user, "user").levels["user"])
             milestones[s + 1] = math.exp(mid) / math.exp(base_loss) - 1
-            log(f"  [forgetting] after {s + 1} sessions: {milestones[s + 1]:+.2%}")
+            recalled[s + 1] = retention_after(m, user, sessions[:s + 1], args.window)["recall"]
+            log(f"  [forgetting] after {s + 1} sessions: {milestones[s + 1]:+.2%}, "
+                f"latest values recalled {recalled[s + 1]:.0%}")
     level = m._read(user, "user").levels["user"]
     after = mean_loss(m, general, level)
     forgetting = math.exp(after) / math.exp(base_loss) - 1
@@ -292,7 +298,7 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
         f"(taught in sessions 1-{len(sessions) // 2}: {pct['recall_first_half']}, later: "
         f"{pct['recall_second_half']}); a replaced value given in {pct['stale']} of the answers")
     return forgetting, {"sessions": len(sessions), "accepted": accepted, "cut_back": shortened, "tokens": len(general),
-                        "milestones": milestones, "retention": retention,
+                        "milestones": milestones, "retention": retention, "retention_milestones": recalled,
                         "ppl_before": math.exp(base_loss), "ppl_after": math.exp(after),
                         "seconds": time.perf_counter() - t0}
 
