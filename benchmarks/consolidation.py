@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from episodes import make_episodes
-from learning import DEFAULT_GENERAL, Chat, false_bound, log, mean_loss, score
+from learning import DEFAULT_GENERAL, Chat, ask, false_bound, log, mean_loss, score
 from nsam.model.runtime import NsamModel
 
 
@@ -67,19 +67,17 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         level = m._read(user, "user").levels["user"]
         session = m.new_session_state(user)
-        expected, untaught, values = {}, [], {}
-        requests = []
+        questions, expected, untaught, values = {}, {}, [], {}
         for f in e.facts:
             for j, q in enumerate(f.questions):
                 key = f"{e.user}|x|{f.attribute}|{j}"
-                requests.append((key, m.encode_chat([{"role": "user", "content": q}], 256), session))
-                expected[key] = f.value
+                questions[key], expected[key] = q, f.value
         for j, q in enumerate(e.untaught):
             key = f"{e.user}|u|{j}"
-            requests.append((key, m.encode_chat([{"role": "user", "content": q}], 256), session))
+            questions[key] = q
             untaught.append(key)
             values[key] = [f.value for f in e.facts]
-        out = {k: v[0] for k, v in chat.run(requests).items()}
+        out = ask(m, chat, questions, session, 256)
         answers.update(out)
         row = {"user": e.user, "accepted": report.accepted, "reason": report.reason, "step_scale": report.step_scale,
                "recall": score(out, expected), "false_binding": false_bound(out, untaught, values),

@@ -303,6 +303,12 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
                         "seconds": time.perf_counter() - t0}
 
 
+def ask(m: NsamModel, chat: Chat, questions: dict[str, str], state: bytes, window: int) -> dict[str, str]:
+    """Each question alone in the prompt of `state`'s session, as session 2 is asked: id -> answer."""
+    reqs = [(k, m.encode_chat([{"role": "user", "content": q}], window), state) for k, q in questions.items()]
+    return {k: v[0] for k, v in chat.run(reqs).items()}
+
+
 def retention_after(m: NsamModel, user: bytes, sessions, window: int) -> dict:
     """What the long user's level still knows after all its sessions: every attribute's question
     forms, asked in a fresh session, scored against the value taught last (a later session may
@@ -313,14 +319,12 @@ def retention_after(m: NsamModel, user: bytes, sessions, window: int) -> dict:
             if f.attribute in latest:
                 replaced.setdefault(f.attribute, []).append(latest[f.attribute][1].value)
             latest[f.attribute] = (s, f)
-    state = m.new_session_state(user)
-    reqs, expected, taught_in = [], {}, {}
+    questions, expected, taught_in = {}, {}, {}
     for attribute, (s, f) in latest.items():
         for j, q in enumerate(f.questions):
             rid = f"{attribute}|{j}"
-            reqs.append((rid, m.encode_chat([{"role": "user", "content": q}], window), state))
-            expected[rid], taught_in[rid] = f.value, s
-    answers = {k: v[0] for k, v in Chat(m, 24).run(reqs).items()}  # as session 2 is asked
+            questions[rid], expected[rid], taught_in[rid] = q, f.value, s
+    answers = ask(m, Chat(m, 24), questions, m.new_session_state(user), window)
     half = len(sessions) // 2
     first = {k: v for k, v in expected.items() if taught_in[k] < half}
     second = {k: v for k, v in expected.items() if taught_in[k] >= half}
