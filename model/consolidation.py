@@ -10,30 +10,22 @@ figures and decides whether to commit.
 from __future__ import annotations
 
 import math
-import re
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import Transformer
+from .errors import Interrupted
+from .facts import PATTERNS, UNTAUGHT_PROBES, Fact, extract_facts, merge_facts
 from .levels import LevelSpec, LoraState
 from .sampling import greedy_continuation
 from .subspace import project_out, protected_bases
 from .updates import (LevelReport, TrainingExample, _batch, guard, lora_logits, lora_logits_at, token_losses,
                       train_lora, update_on_examples)
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One thing the user said about themselves, as (question forms, answer)."""
-
-    key: str
-    questions: tuple[str, ...]
-    answer: str
-    value: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,51 +50,9 @@ class ConsolidationReport:
     drift: float
     seconds: float
     step_scale: float = 1.0  # < 1: the update was cut back to stay within the probe budget
-
-
-_VALUE = r"([^.!?\n;,:]{1,60}?)"
-# A value ends at punctuation or where a clause about it starts ("I work at Acme as an engineer").
-_END = r"\s*(?:[.!?\n;,:]|\s(?:and|but|as|who|which|because|since|so|now|these days)\b|$)"
-_W = r"[^\W\d_]+"  # a word (letters, accents included)
-_PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...], str], ...] = tuple(
-    (re.compile(p, re.IGNORECASE), key, qs, a) for p, key, qs, a in (
-        (r"\bmy ((?:" + _W + r"'s |" + _W + r" ){0,2}" + _W + r") (?:is|are|was) (?:called |named )?" + _VALUE + _END,
-         "{0}", ("What is my {0}?", "Do you remember my {0}?", "Tell me my {0}."), "Your {0} is {1}."),
-        (r"\bI live in " + _VALUE + _END, "home",
-         ("Where do I live?", "Which place do I live in?", "Do you remember where I live?"), "You live in {0}."),
-        (r"\bI work (?:at|for) " + _VALUE + _END, "employer",
-         ("Where do I work?", "Who is my employer?", "Do you remember where I work?"), "You work at {0}."),
-        (r"\bI(?:'m| am) from " + _VALUE + _END, "origin",
-         ("Where am I from?", "Where do I come from?", "Do you remember where I am from?"), "You are from {0}."),
-        (r"\bI was born in " + _VALUE + _END, "birthplace",
-         ("Where was I born?", "In which place was I born?", "Do you remember where I was born?"),
-         "You were born in {0}."),
-    )
-)
-
-# Questions about things users commonly have; the ones not taught anchor the level to the
-# frozen model's answer, so taught values do not leak into untaught slots.
-UNTAUGHT_PROBES = (
-    "favorite color", "cousin's name", "car", "birthday", "favorite food", "dentist's name",
-    "middle name", "phone number", "best friend's name", "favorite movie", "boss's name", "hobby",
-)
-
-
-def extract_facts(text: str) -> list[Fact]:
-    """Statements such as "my sister's name is Ola" or "I live in Brisk" -> facts."""
-    facts: dict[str, Fact] = {}
-    for pattern, key, questions, answer in _PATTERNS:
-        for m in pattern.finditer(text):
-            groups = [g.strip().rstrip(",") for g in m.groups()]
-            if not all(groups) or groups[0].lower() in ("name", "i") and key == "{0}" and len(groups) < 2:
-                continue
-            k = key.format(*groups).lower()
-            asked = tuple(q.format(*groups) for q in questions)
-            if k.endswith("'s name"):  # a name is also asked about its owner ("what is my sister called?")
-                owner = k.removesuffix("'s name")
-                asked += (f"What is my {owner} called?",)
-            facts[k] = Fact(k, asked, answer.format(*groups), groups[-1])
-    return list(facts.values())
+    # The facts the new level was rehearsed on (this session's and the earlier ones not restated),
+    # for the caller to keep with it: the next consolidation rehearses them again.
+    known: tuple[Fact, ...] = ()
 
 
 def chat_example(tokenizer, messages: list[dict[str, str]], train_roles: tuple[str, ...]) -> TrainingExample:
@@ -157,7 +107,7 @@ def untaught_slots(facts: list[Fact], taught: set[str], n: int) -> list[Slot]:
             owner = owners[(len(f.answer) + i) % len(owners)]
             out.append(Slot(f"What is my {owner}'s name?", f"Your {owner}'s name is"))
     attributes = [Slot(f"What is my {u}?", f"Your {u} is") for u in UNTAUGHT_PROBES if u not in taught]
-    frames = [Slot(qs[0], a.split("{0}")[0].strip()) for _, key, qs, a in _PATTERNS if key != "{0}" and key not in taught]
+    frames = [Slot(qs[0], a.split("{0}")[0].strip()) for _, key, qs, a in PATTERNS if key != "{0}" and key not in taught]
     out += [s for pair in zip(attributes, frames) for s in pair] + attributes[len(frames):] + frames[len(attributes):]
     return out[:n]
 
@@ -454,23 +404,34 @@ class ConsolidationConfig:
     on_policy_weight: float = 1.0
     rotate_questions: bool = True  # one question form per fact per step (cheaper than all forms)
     replay: str = "facts"  # "facts": replay only the user messages that stated facts; "all"
+    # Facts of earlier sessions rehearsed with this session's (their latest values, the most recent
+    # this many): without them a user's level kept 0 of 6 values taught in sessions 1-10 after 20.
+    rehearse_known: int = 32
 
 
 def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: LoraState,
                 transcript: list[dict[str, str]], anchor_ids: list[int], probe_ids: list[int],
-                config: ConsolidationConfig = ConsolidationConfig()) -> tuple[LoraState, ConsolidationReport]:
-    """Fold what the user said in `transcript` into `user_state`; never mutates its inputs."""
+                config: ConsolidationConfig = ConsolidationConfig(),
+                should_stop: Callable[[], bool] | None = None, known: tuple[Fact, ...] = ()
+                ) -> tuple[LoraState, ConsolidationReport]:
+    """Fold what the user said in `transcript` into `user_state`, rehearsing the `known` facts of
+    earlier sessions with it (`report.known`: what to keep for the next); never mutates its inputs.
+
+    `should_stop()` is asked before every step (they take seconds on a CPU); when it says yes the
+    consolidation raises `Interrupted` so a server shutting down need not wait minutes for it."""
     started = time.perf_counter()
     user_text = "\n".join(m["content"] for m in transcript if m["role"] == "user")
-    facts = extract_facts(user_text)
+    stated = extract_facts(user_text)
+    facts = list(merge_facts(known, stated, config.rehearse_known))
     statements = [m for m in transcript if m["role"] == "user"]
     baseline = _frozen(model, ("probe", tuple(probe_ids)), lambda: probe_loss(model, spec, [], probe_ids))
-    if not facts and not statements:
+    if not stated and not statements:
         return user_state, ConsolidationReport(False, "no-data", baseline, baseline, math.nan, 0, 0.0,
-                                               user_state.weight_norm(), time.perf_counter() - started)
+                                               user_state.weight_norm(), time.perf_counter() - started,
+                                               known=known)
 
     rehearsal = [qa_example(tokenizer, q, f) for f in facts for q in f.questions]
-    if config.replay == "facts" and facts:  # only the messages that stated something
+    if config.replay == "facts" and stated:  # only the messages that stated something
         statements = [m for m in statements if extract_facts(m["content"])] or statements
     replay = [chat_example(tokenizer, [m], ("user",)) for m in statements]
     # Rehearsal rounds: each step sees one question form per fact, cycling through the forms.
@@ -501,6 +462,8 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
                              for e in negatives]) if neg is not None else None
 
     def objective(logits_fn):
+        if should_stop is not None and should_stop():
+            raise Interrupted("consolidation interrupted before it finished; nothing was changed")
         loss, surprise = 0.0, 0.0
         batches = groups + ([(rounds[step[0] % len(rounds)], 1.0)] if rounds else [])
         anchor = anchors[step[0] % len(anchors)]
@@ -551,8 +514,9 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
                 on_policy = [negatives_now]
     kept, level = guard(spec, user_state, new, None, surprise, started)
     if not level.accepted:
-        return user_state, ConsolidationReport(False, level.reason, math.nan, baseline, math.nan, len(facts),
-                                               level.update_norm, level.drift, time.perf_counter() - started)
+        return user_state, ConsolidationReport(False, level.reason, math.nan, baseline, math.nan, len(stated),
+                                               level.update_norm, level.drift, time.perf_counter() - started,
+                                               known=known)
     # Trust region: the probe's perplexity (cumulative, vs the frozen model) must stay within the
     # budget; if the full update is past it, try shorter steps from the old state towards it.
     budget = math.log1p(config.probe_ppl_budget)
@@ -573,8 +537,9 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         recall = float((losses * weights).sum() / weights.sum())
     ok = (math.isfinite(candidate_probe) and candidate_probe - baseline <= budget
           and candidate_probe <= baseline * (1 + config.max_forgetting))
-    report = ConsolidationReport(ok, "ok" if ok else "forgetting", candidate_probe, baseline, recall, len(facts),
-                                 level.update_norm, level.drift, time.perf_counter() - started, scale)
+    report = ConsolidationReport(ok, "ok" if ok else "forgetting", candidate_probe, baseline, recall, len(stated),
+                                 level.update_norm, level.drift, time.perf_counter() - started, scale,
+                                 tuple(facts) if ok else known)
     return (new if ok else user_state), report
 
 

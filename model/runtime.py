@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -159,14 +161,14 @@ class NsamModel:
             report = LevelReport(**{**report.__dict__, "drift": drift})
         return self._write(state.with_level("medium", new)), [report]
 
-    def consolidate(self, user_state: bytes, session_state: bytes, transcript: list[dict[str, str]]
-                    ) -> tuple[bytes, ConsolidationReport]:
+    def consolidate(self, user_state: bytes, session_state: bytes, transcript: list[dict[str, str]],
+                    should_stop: Callable[[], bool] | None = None) -> tuple[bytes, ConsolidationReport]:
         user = self._read(user_state, "user")
         self._read(session_state, "session")  # refuse a foreign session before any work
         new, report = consolidate(self.model, self.tokenizer, self.levels.get("user"), user.levels["user"],
                                   transcript, self.consolidation_anchor_ids, self.probe_ids,
-                                  self.consolidation)
-        return self._write(user.with_level("user", new)), report
+                                  self.consolidation, should_stop, user.facts)
+        return self._write(replace(user.with_level("user", new), facts=report.known)), report
 
 
 class Generator:

@@ -1,7 +1,8 @@
 """Level states as bytes: safetensors with a format version and a config fingerprint.
 
 A session's state holds its fast and medium levels plus a snapshot of its user's slow level
-(weights only: the slow level's optimizer moments belong to the user's own state). A state
+(weights only: the slow level's optimizer moments belong to the user's own state). A user's
+state also keeps the facts its consolidations rehearse (in the metadata, under the digest). A state
 written by another model or level config is refused with `StateError`.
 """
 
@@ -16,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .errors import StateError
+from .facts import Fact, facts_from_json, facts_to_json
 from .levels import LevelsConfig, LevelState, LoraState, state_from_tensors, state_tensors
 
 FORMAT = "nsam.state/1"
@@ -25,6 +27,7 @@ FORMAT = "nsam.state/1"
 class MemoryState:
     kind: str  # "session" | "user"
     levels: dict[str, LevelState]
+    facts: tuple[Fact, ...] = ()  # a user state's: what its consolidations rehearse again
 
     def to_bytes(self, fingerprint: str, config: LevelsConfig) -> bytes:
         tensors = {}
@@ -33,8 +36,11 @@ class MemoryState:
                 if self.kind == "session" and name == "user" and field_name not in ("a", "b"):
                     continue  # the user level's moments stay in the user's own state
                 tensors[f"{name}/{field_name}"] = t.contiguous()
+        facts = facts_to_json(self.facts) if self.facts else ""
         meta = {"format": FORMAT, "kind": self.kind, "fingerprint": fingerprint,
-                "levels": ",".join(sorted(self.levels)), "sha256": _digest(tensors)}
+                "levels": ",".join(sorted(self.levels)), "sha256": _digest(tensors, facts)}
+        if facts:
+            meta["facts"] = facts
         # One metadata entry: safetensors does not keep the order of several, and the same
         # state must always give the same bytes.
         return save(tensors, metadata={"nsam": json.dumps(meta, sort_keys=True)})
@@ -54,7 +60,7 @@ class MemoryState:
             raise StateError("this state was written for another model or level configuration "
                              f"(fingerprint {meta.get('fingerprint')}, this server is {fingerprint})")
         # States written before the digest existed have none; they are still read.
-        if "sha256" in meta and meta["sha256"] != _digest(tensors):
+        if "sha256" in meta and meta["sha256"] != _digest(tensors, meta.get("facts", "")):
             raise StateError("the state's tensor data is corrupt (its SHA-256 does not match the one written "
                              "with it); the stored copy is damaged")
         levels = {}
@@ -69,20 +75,26 @@ class MemoryState:
                 levels[name] = state_from_tensors(spec.rule, fields)
             except KeyError as err:
                 raise StateError(f"level {name!r} lacks tensor {err}") from err
-        return cls(kind, levels)
+        try:
+            facts = facts_from_json(meta["facts"]) if meta.get("facts") else ()
+        except (ValueError, TypeError) as err:
+            raise StateError(f"the state's facts cannot be read: {err}") from err
+        return cls(kind, levels, facts)
 
     def with_level(self, name: str, state: LevelState) -> "MemoryState":
         return replace(self, levels={**self.levels, name: state})
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and raw bytes, in name order: a damaged copy (a
-    flipped bit in Redis or on disk) is refused instead of serving wrong weights."""
+def _digest(tensors: dict[str, torch.Tensor], facts: str = "") -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes, in name order, then the facts: a
+    damaged copy (a flipped bit in Redis or on disk) is refused instead of serving wrong weights."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    if facts:  # absent from states without facts, whose digest stays what it was
+        h.update(facts.encode())
     return h.hexdigest()
 
 

@@ -145,10 +145,11 @@ class NsamServer:
             self.health_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)  # refuses new RPCs, lets turns in flight finish
+        # A consolidation takes minutes on a CPU: one still running is interrupted at its next
+        # step rather than awaited; its job stays queued and a worker redoes it.
         if self.worker is not None:
-            await self.worker.shutdown(self.worker_task, grace + 5)
-        for thread in self.threads:
-            await asyncio.to_thread(thread.stop)
+            await self.worker.shutdown(self.worker_task, 0)
+        await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.threads))
         await self.store.close()
 
 

@@ -38,7 +38,8 @@ async def serve(settings: Settings) -> None:
     server = await NsamServer.start(settings)
     print(connect_hint(settings, server.port, server.store), flush=True)
     await _until_signal()
-    print(f"draining turns in flight (up to {settings.shutdown_grace_s:.0f} s)...", flush=True)
+    print(f"draining turns in flight (up to {settings.shutdown_grace_s:.0f} s); a running consolidation "
+          "is interrupted and redone later...", flush=True)
     await server.stop()
 
 

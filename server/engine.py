@@ -160,10 +160,17 @@ class ModelThread:
             if not finished:
                 self._inbox.put(("cancel", turn.request_id))
 
-    def stop(self) -> None:
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called: a long call (a consolidation) asks this to end early."""
+        return self._stopped.is_set()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Fails queued work, lets the call or decode step in progress end (a consolidation
+        polls `stopping` between its steps) and waits up to `timeout` for the thread."""
         self._stopped.set()
         self._inbox.put(("stop", None))
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
 
     # ---- model thread side
 

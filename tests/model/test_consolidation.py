@@ -3,9 +3,9 @@
 import torch
 
 from nsam.model.consolidation import (Slot, ValueBatch, _selected, anchor_windows, binding_loss, chat_anchor,
-                                      chat_example,
-                                      extract_facts, fact_slots, learn_turn, near_miss_questions, slot_loss,
+                                      chat_example, fact_slots, learn_turn, near_miss_questions, slot_loss,
                                       untaught_slots, value_batch)
+from nsam.model.facts import extract_facts
 from nsam.model.levels import LoraState
 from nsam.model.runtime import NsamModel
 from nsam.model.updates import lora_logits_at
@@ -151,3 +151,52 @@ def test_an_update_past_the_drift_budget_is_cut_back_then_refused(tiny):
     new, report = consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
                               tiny.probe_ids, roomy)
     assert report.accepted and report.step_scale == 1.0 and not torch.equal(new.b, fresh.b)
+
+
+def test_a_consolidation_asked_to_stop_raises_interrupted_after_the_step_in_progress(tiny):
+    from nsam.model.consolidation import consolidate
+    from nsam.model.errors import Interrupted
+
+    spec = tiny.levels.get("user")
+    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    transcript = [{"role": "user", "content": "My dog's name is Rex."}, {"role": "assistant", "content": "Noted."}]
+    asked = []
+
+    def stop_after_two_steps() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(Interrupted):
+        consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids, tiny.probe_ids,
+                    tiny.consolidation, stop_after_two_steps)
+    assert len(asked) == 3 < tiny.consolidation.steps  # asked before every step, stopped at once
+    assert not fresh.b.any()  # pure: its input is untouched
+
+
+def test_a_later_consolidation_rehearses_the_facts_of_earlier_sessions(tiny):
+    from dataclasses import replace
+
+    from nsam.model.consolidation import consolidate
+
+    spec = tiny.levels.get("user")
+    roomy = replace(tiny.consolidation, probe_ppl_budget=10.0, max_forgetting=10.0)
+    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+
+    def session(state, text, known):
+        transcript = [{"role": "user", "content": text}, {"role": "assistant", "content": "Noted."}]
+        return consolidate(tiny.model, tiny.tokenizer, spec, state, transcript, tiny.anchor_ids, tiny.probe_ids,
+                           roomy, None, known)
+
+    first, report = session(fresh, "My dog's name is Rex.", ())
+    assert [f.key for f in report.known] == ["dog's name"]
+    with_old, with_old_report = session(first, "I live in Brisk.", report.known)
+    assert [f.key for f in with_old_report.known] == ["dog's name", "home"] and with_old_report.facts == 1
+    without_old, _ = session(first, "I live in Brisk.", ())
+    question, answer = "What is my dog's name?", "Your dog's name is Rex."
+    assert _answer_loss(tiny, spec, with_old, question, answer) < _answer_loss(tiny, spec, without_old, question, answer)
+    # a consolidation that is not accepted keeps the facts it was given
+    refused = replace(roomy, probe_ppl_budget=-0.5)
+    earlier = with_old_report.known
+    _, report = consolidate(tiny.model, tiny.tokenizer, spec, first, [{"role": "user", "content": "I live in Tolm."}],
+                            tiny.anchor_ids, tiny.probe_ids, refused, None, earlier)
+    assert not report.accepted and report.known == earlier

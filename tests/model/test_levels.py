@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nsam.model.backbone import PackedLayout
-from nsam.model.levels import (BatchLevels, FastLevelRunner, FastMemory, LevelSpec, LoraState,
-                               default_levels, stack_lora)
+from nsam.model.levels import (BatchLevels, FastLevelRunner, FastMemory, LoraState,
+                               default_levels)
 from nsam.model.runtime import NsamModel, SamplingParams, StateError
 from nsam.model.state import MemoryState
 from nsam.model.updates import TrainingExample, guard, update_on_examples
@@ -109,6 +109,20 @@ def test_foreign_or_corrupt_state_is_refused(tiny):
         tiny.check_state(b"\x00" * 40, "user")
 
 
+def test_a_user_state_keeps_its_facts_under_the_digest(tiny):
+    from nsam.model.facts import extract_facts
+
+    facts = tuple(extract_facts("My dog's name is Rex. I live in Brisk."))
+    plain = MemoryState.from_bytes(tiny.new_user_state(), tiny.fingerprint, tiny.levels, "user")
+    data = replace(plain, facts=facts).to_bytes(tiny.fingerprint, tiny.levels)
+    back = MemoryState.from_bytes(data, tiny.fingerprint, tiny.levels, "user")
+    assert back.facts == facts and back.to_bytes(tiny.fingerprint, tiny.levels) == data
+    assert plain.facts == () and tiny.new_user_state() == plain.to_bytes(tiny.fingerprint, tiny.levels)
+    tampered = data.replace(b"Brisk", b"Brest")  # same length: only the digest can tell
+    with pytest.raises(StateError, match="corrupt"):
+        tiny.check_state(tampered, "user")
+
+
 def test_a_state_with_a_flipped_bit_in_its_tensors_is_refused(tiny):
     good, _ = tiny.update_medium(tiny.new_session_state(None),
                                  [{"role": "user", "content": "my cat is Tom"}, {"role": "assistant", "content": "ok"}])
@@ -169,6 +183,8 @@ def test_consolidation_folds_facts_into_the_user_level(tiny):
     if report.accepted:
         assert user != tiny.new_user_state()
         assert tiny.new_session_state(user) != tiny.new_session_state(None)  # sessions start from it
+        kept = MemoryState.from_bytes(user, tiny.fingerprint, tiny.levels, "user").facts
+        assert {f.key: f.value for f in kept} == {"dog's name": "Rex", "home": "Brisk"}
 
 
 def test_fast_level_in_a_batch_matches_each_session_alone():

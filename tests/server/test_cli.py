@@ -75,6 +75,8 @@ def test_nsam_serve_process(tmp_path):
         out, _ = server.communicate(timeout=60)
     assert server.returncode == 0, out
     assert "draining" in out
+    # the embedded Redis saved and stopped on request (no SIGTERM fallback), no thread left running
+    assert "shutdown failed" not in out and "terminate called" not in out, out
 
 
 def test_nsam_consolidate_process(redis_db, tmp_path):

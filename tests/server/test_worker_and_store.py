@@ -136,3 +136,46 @@ async def test_concurrent_consolidations_do_not_lose_an_update(store, model_thre
     results = await asyncio.gather(consolidator.run(s1.session_id), consolidator.run(s2.session_id))
     assert sorted(r.outcome for r in results) == ["accepted", "accepted"]
     assert await store.user_level_version("alice") == 2
+
+
+async def test_a_consolidation_running_at_shutdown_is_interrupted_and_redone_later(store, redis_db):
+    """Shutdown does not wait minutes for a consolidation: it stops at its next step, nothing is
+    committed, and its job stays queued for the next worker."""
+    import time
+    from dataclasses import replace
+
+    slow = ModelThread(NsamModel.load("tiny"), 1, generate=False)
+    slow.model.consolidation = replace(slow.model.consolidation, steps=100_000)  # runs for hours
+    session, version = await _session_with_a_turn(store, slow)
+    await store.ensure_group()
+    await store.enqueue_consolidation(session, version)
+    worker = ConsolidationWorker(store, Consolidator(store, slow, LevelBook()), "a", block_ms=50)
+    task = asyncio.create_task(worker.run())
+    for _ in range(200):
+        if worker.busy:
+            break
+        await asyncio.sleep(0.05)
+    assert worker.busy
+    started = time.monotonic()
+    await worker.shutdown(task, 0.2)
+    await asyncio.to_thread(slow.stop)
+    assert time.monotonic() - started < 10 and not slow._thread.is_alive()
+    assert await store.user_level_version("alice") == 0 and worker.processed == 0
+    assert (await store.queue_stats()).pending == 1  # not acknowledged: it is redone
+
+    fresh = ModelThread(NsamModel.load("tiny"), 1, generate=False)
+    try:
+        redo = ConsolidationWorker(store, Consolidator(store, fresh, LevelBook()), "b",
+                                   claim_idle_ms=100, block_ms=50)
+        await asyncio.sleep(0.2)
+        task = asyncio.create_task(redo.run())
+        for _ in range(200):
+            if redo.processed:
+                break
+            await asyncio.sleep(0.05)
+        redo.stop()
+        await task
+    finally:
+        fresh.stop()
+    assert await store.user_level_version("alice") == 1
+    assert (await store.queue_stats()).pending == 0

@@ -1,0 +1,58 @@
+"""learning.py's forgetting chain alone (one user, 20 sessions of 2 facts, each consolidated),
+for A/B runs of the consolidation settings; minutes per session on a CPU:
+
+    python benchmarks/forgetting.py --json out.json --sessions 10 \\
+        --override '{"probe_ppl_budget": 0.02}' --probe my_probe.txt
+
+Reports general-English perplexity change and the user's retention (latest values asked in a
+fresh session) after 5, 10 and the last session. The first N sessions are the full run's first
+N (same episode generator and seed), so its figures are the baseline at the shipped settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning  # noqa: E402
+
+from nsam.model.runtime import NsamModel  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--override", default="{}", help="ConsolidationConfig fields as JSON")
+    p.add_argument("--probe", type=Path, help="the accept/reject probe text (default: the shipped one)")
+    p.add_argument("--general", type=Path, default=learning.DEFAULT_GENERAL)
+    p.add_argument("--general-tokens", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    override = json.loads(args.override)
+    torch.manual_seed(0)
+    m = NsamModel.load("default")
+    m.context_window = min(m.context_window, 1024)  # as learning.py runs it
+    m.consolidation = dataclasses.replace(m.consolidation, **override)
+    if args.probe:
+        m.probe_ids = m.tokenizer.encode(args.probe.read_text(encoding="utf-8"))
+    chain = argparse.Namespace(general=args.general, general_tokens=args.general_tokens,
+                               forgetting_sessions=args.sessions, seed=args.seed, window=args.window)
+    forgetting, details = learning.forgetting_phase(m, chain)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"override": override, "probe": str(args.probe or "shipped"),
+                                     "probe_tokens": len(m.probe_ids), "forgetting": forgetting,
+                                     **details}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
