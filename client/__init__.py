@@ -3,8 +3,8 @@
 from nsam.client.client import AsyncClient, Client
 from nsam.client.types import (ConsolidationResult, ExportedMemory, LevelHealth, LevelInfo,
                                MemoryHealth, MemoryInfo, MemoryVersion, Message, NsamError,
-                               Sampling, Session, Token, TurnResult)
+                               RememberedFact, Sampling, Session, Token, TurnResult)
 
 __all__ = ["AsyncClient", "Client", "ConsolidationResult", "ExportedMemory", "LevelHealth",
            "LevelInfo", "MemoryHealth", "MemoryInfo", "MemoryVersion", "Message", "NsamError",
-           "Sampling", "Session", "Token", "TurnResult"]
+           "RememberedFact", "Sampling", "Session", "Token", "TurnResult"]

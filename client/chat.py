@@ -19,7 +19,7 @@ from nsam.client.client import Client
 from nsam.client.types import NsamError, Sampling, Token, TurnResult
 
 HELP = """commands:
-  /memory          your memory levels and the kept versions of the user level
+  /memory          your memory levels, the kept versions of the user level and what it was taught
   /forget          delete everything the service keeps about you (asks first)
   /export FILE     save your user level (safetensors) to FILE
   /rollback N      make kept version N of your user level current again
@@ -97,6 +97,8 @@ class ChatLoop:
                        f"(model {info.model_fingerprint})")
             for v in info.versions:
                 self.print(f"  v{v.version}  {v.source:13s} {v.state_bytes:>10d} B  {_time(v.created_unix_ms)}")
+            if info.facts:
+                self.print("  taught: " + "; ".join(f"{f.key}: {f.value}" for f in info.facts))
             for level in info.levels:
                 if level.name == "session":
                     mark = " (this one)" if level.owner == self.session.session_id else ""

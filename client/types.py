@@ -130,18 +130,27 @@ class LevelInfo:
 
 
 @dataclass(frozen=True)
+class RememberedFact:
+    key: str       # "sister's name"
+    value: str     # "Olvena"
+    answer: str    # "Your sister's name is Olvena."
+
+
+@dataclass(frozen=True)
 class MemoryInfo:
     user: str
     version: int
     versions: tuple[MemoryVersion, ...]
     levels: tuple[LevelInfo, ...]
     model_fingerprint: str
+    facts: tuple[RememberedFact, ...] = ()  # what the user level was taught, oldest first
 
     @classmethod
     def from_pb(cls, m: pb.MemoryInfo) -> "MemoryInfo":
         return cls(m.user, m.version, tuple(MemoryVersion.from_pb(v) for v in m.versions),
                    tuple(LevelInfo(x.name, x.owner, x.version, x.state_bytes, x.updated_unix_ms)
-                         for x in m.levels), m.model_fingerprint)
+                         for x in m.levels), m.model_fingerprint,
+                   tuple(RememberedFact(f.key, f.value, f.answer) for f in m.facts))
 
 
 @dataclass(frozen=True)

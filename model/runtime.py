@@ -19,6 +19,7 @@ import torch
 from . import config as configs
 from .backbone import Transformer
 from .consolidation import ConsolidationConfig, ConsolidationReport, consolidate, learn_turn
+from .facts import Fact
 from .generation import Generator as _Generator
 from .generation import TokenEvent
 from .levels import FastMemory, LevelsConfig, default_levels, new_state
@@ -135,6 +136,10 @@ class NsamModel:
 
     def check_state(self, data: bytes, kind: str) -> None:
         self._read(data, kind)
+
+    def user_facts(self, user_state: bytes) -> list[Fact]:
+        """What the user level was taught (the latest value of each fact), oldest first."""
+        return list(self._read(user_state, "user").facts)
 
     def _read(self, data: bytes, kind: str) -> MemoryState:
         return MemoryState.from_bytes(data, self.fingerprint, self.levels, kind)

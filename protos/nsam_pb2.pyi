@@ -186,19 +186,31 @@ class LevelInfo(_message.Message):
     updated_unix_ms: int
     def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., version: _Optional[int] = ..., state_bytes: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
 
+class RememberedFact(_message.Message):
+    __slots__ = ("key", "value", "answer")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: str
+    answer: str
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
+
 class MemoryInfo(_message.Message):
-    __slots__ = ("user", "version", "versions", "levels", "model_fingerprint")
+    __slots__ = ("user", "version", "versions", "levels", "model_fingerprint", "facts")
     USER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
     user: str
     version: int
     versions: _containers.RepeatedCompositeFieldContainer[MemoryVersion]
     levels: _containers.RepeatedCompositeFieldContainer[LevelInfo]
     model_fingerprint: str
-    def __init__(self, user: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[MemoryVersion, _Mapping]]] = ..., levels: _Optional[_Iterable[_Union[LevelInfo, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    facts: _containers.RepeatedCompositeFieldContainer[RememberedFact]
+    def __init__(self, user: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[MemoryVersion, _Mapping]]] = ..., levels: _Optional[_Iterable[_Union[LevelInfo, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., facts: _Optional[_Iterable[_Union[RememberedFact, _Mapping]]] = ...) -> None: ...
 
 class ExportMemoryRequest(_message.Message):
     __slots__ = ("user", "version")

@@ -287,6 +287,7 @@ class MemoryView:
     versions: list            # store.LevelVersion, newest first
     sessions: list            # store.SessionRecord, without state
     fingerprint: str
+    facts: list               # model Fact: what the current user level was taught
 
 
 @dataclass(frozen=True)
@@ -452,7 +453,14 @@ class Engine:
         version = await self.store.user_level_version(user)
         versions = await self.store.user_level_versions(user)
         sessions = await self.store.list_sessions(user)
-        return MemoryView(user, version, versions, sessions, self.model.fingerprint)
+        facts = []
+        level = await self.store.get_user_level(user) if version else None
+        if level is not None:
+            try:
+                facts = await self.thread.call(self.model.user_facts, level.state)
+            except StateError:  # damaged: still list the versions, to roll back to one
+                log.warning("user level of %s v%d cannot be read; listing no facts", user, version)
+        return MemoryView(user, version, versions, sessions, self.model.fingerprint, facts)
 
     async def export_memory(self, user: str, version: int | None) -> tuple[int, bytes]:
         level = await self.store.get_user_level(user, version)

@@ -115,7 +115,9 @@ class MemoryService(_Edge, pb_grpc.MemoryServiceServicer):
                    for s in view.sessions]
         return pb.MemoryInfo(user=user, version=view.version, levels=levels,
                              versions=[version_pb(v) for v in view.versions],
-                             model_fingerprint=view.fingerprint)
+                             model_fingerprint=view.fingerprint,
+                             facts=[pb.RememberedFact(key=f.key, value=f.value, answer=f.answer)
+                                    for f in view.facts])
 
     async def ExportMemory(self, request: pb.ExportMemoryRequest, context) -> pb.ExportMemoryResponse:
         user = self.caller(context).resolve_user(request.user)

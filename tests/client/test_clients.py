@@ -63,7 +63,7 @@ async def test_sync_client(server):
 async def test_terminal_chat_loop(server, tmp_path):
     export = tmp_path / "alice.safetensors"
     script = io.StringIO("\n".join([
-        "hello there", "/help", "/session", "/consolidate", "/memory", f"/export {export}",
+        "my dog's name is Rex", "/help", "/session", "/consolidate", "/memory", f"/export {export}",
         "/rollback x", "/rollback 1", "/nonsense", "/forget", "no", "/forget --yes", "/quit", ""]))
     out = io.StringIO()
 
@@ -78,6 +78,7 @@ async def test_terminal_chat_loop(server, tmp_path):
     assert "new session alice:" in text
     assert "[length, 6 tokens, session v1, learned]" in text
     assert "accepted" in text and "user level version 1" in text
+    assert "taught: dog's name: Rex" in text
     assert export.read_bytes()[:8] and "wrote user level v1" in text
     assert "usage: /rollback N" in text
     assert "[INVALID_ARGUMENT]" in text  # rollback to the current version is refused

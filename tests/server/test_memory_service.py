@@ -32,6 +32,7 @@ async def test_consolidation_via_the_stream_worker(client):
         await asyncio.sleep(0.05)
     info = await client.memory("alice")
     assert info.version == 1 and info.versions[0].source == "consolidation"
+    assert [(f.key, f.value, f.answer) for f in info.facts] == [("dog's name", "Rex", "Your dog's name is Rex.")]
     health = await client.memory_health()
     assert health.jobs_by_outcome.get("accepted") == 1 and health.queue_depth == 0
     # a new session starts from the new user level
@@ -150,6 +151,8 @@ async def test_a_damaged_stored_level_is_refused_with_what_to_do_and_rollback_re
         await client.create_session("alice")
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "corrupt" in err.value.message and "RollbackMemory" in err.value.message
+    info = await client.memory("alice")  # still lists the versions to roll back to
+    assert [v.version for v in info.versions] == [2, 1] and info.facts == ()
     await client.rollback(1, "alice")
     assert (await client.create_session("alice")).user_memory_version == 3
 
