@@ -69,10 +69,28 @@ def chat_example(tokenizer, messages: list[dict[str, str]], train_roles: tuple[s
     return TrainingExample(ids, weights[1:])
 
 
-def qa_example(tokenizer, question: str, fact: Fact) -> TrainingExample:
-    """`question` answered with the fact's answer, weighted on the answer."""
-    return chat_example(tokenizer, [{"role": "user", "content": question},
-                                    {"role": "assistant", "content": fact.answer}], ("assistant",))
+def qa_example(tokenizer, question: str, fact: Fact, value_weight: float = 1.0) -> TrainingExample:
+    """`question` answered with the fact's answer, weighted on the answer, its value's tokens
+    `value_weight` times as much: a code's later digits are where the backbone's prior wins."""
+    example = chat_example(tokenizer, [{"role": "user", "content": question},
+                                       {"role": "assistant", "content": fact.answer}], ("assistant",))
+    if value_weight == 1.0 or not fact.value or fact.value not in fact.answer:
+        return example
+    first = next(t for t, w in enumerate(example.weights) if w > 0)
+    targets = example.ids[first + 1:]  # the assistant's turn: its header, the answer, the end
+    offset = tokenizer.decode(targets).find(fact.answer)
+    if offset < 0:
+        return example
+    start = offset + fact.answer.rindex(fact.value)
+    end = start + len(fact.value)
+    weights = list(example.weights)
+    before = 0  # characters decoded so far
+    for t in range(len(targets)):
+        upto = len(tokenizer.decode(targets[:t + 1]))
+        if before < end and upto > start:  # this token carries part of the value
+            weights[first + t] = value_weight
+        before = upto
+    return TrainingExample(example.ids, weights)
 
 
 # A turn's rehearsal: weight of the KL anchor (general text, parent levels as reference), and
@@ -407,6 +425,7 @@ class ConsolidationConfig:
     # Facts of earlier sessions rehearsed with this session's (their latest values, the most recent
     # this many): without them a user's level kept 0 of 6 values taught in sessions 1-10 after 20.
     rehearse_known: int = 32
+    value_weight: float = 1.0  # weight of a rehearsed answer's value tokens (the rest weigh 1)
 
 
 def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: LoraState,
@@ -436,7 +455,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     replay = [chat_example(tokenizer, [m], ("user",)) for m in statements]
     # Rehearsal rounds: each step sees one question form per fact, cycling through the forms.
     forms = max((len(f.questions) for f in facts), default=1) if config.rotate_questions else 1
-    rounds = [[qa_example(tokenizer, f.questions[r % len(f.questions)], f)
+    rounds = [[qa_example(tokenizer, f.questions[r % len(f.questions)], f, config.value_weight)
                for f in facts] for r in range(forms)] if config.rotate_questions else [rehearsal]
     taught = {f.key for f in facts}
     untaught = [u for u in UNTAUGHT_PROBES if u not in taught][:config.untaught_probes]

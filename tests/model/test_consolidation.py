@@ -200,3 +200,15 @@ def test_a_later_consolidation_rehearses_the_facts_of_earlier_sessions(tiny):
     _, report = consolidate(tiny.model, tiny.tokenizer, spec, first, [{"role": "user", "content": "I live in Tolm."}],
                             tiny.anchor_ids, tiny.probe_ids, refused, None, earlier)
     assert not report.accepted and report.known == earlier
+
+
+def test_a_rehearsed_answer_weighs_its_value_tokens_as_asked(tiny):
+    from nsam.model.consolidation import qa_example
+
+    [fact] = extract_facts("My locker code is 1504.")
+    plain = qa_example(tiny.tokenizer, fact.questions[0], fact)
+    weighted = qa_example(tiny.tokenizer, fact.questions[0], fact, value_weight=4.0)
+    assert weighted.ids == plain.ids
+    heavy = "".join(tiny.tokenizer.decode([weighted.ids[t + 1]]) for t, w in enumerate(weighted.weights) if w == 4.0)
+    assert heavy == "1504"  # the value's tokens, and only they
+    assert all(w == p for w, p in zip(weighted.weights, plain.weights) if w != 4.0)  # the rest as before
