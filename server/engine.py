@@ -165,12 +165,12 @@ class ModelThread:
         """True once stop() was called: a long call (a consolidation) asks this to end early."""
         return self._stopped.is_set()
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self) -> None:
         """Fails queued work, lets the call or decode step in progress end (a consolidation
-        polls `stopping` between its steps) and waits up to `timeout` for the thread."""
+        polls `stopping` between its steps) and waits for the thread (up to 30 s)."""
         self._stopped.set()
         self._inbox.put(("stop", None))
-        self._thread.join(timeout=timeout)
+        self._thread.join(timeout=30)
 
     # ---- model thread side
 
