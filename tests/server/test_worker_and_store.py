@@ -20,6 +20,15 @@ async def store(redis_db, tmp_path):
     await s.close()
 
 
+async def until(condition, seconds: float = 10.0) -> bool:
+    """Polls `condition` until it holds or `seconds` pass; returns whether it held."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(condition())
+
+
 @pytest.fixture
 def model_thread():
     thread = ModelThread(NsamModel.load("tiny"), 1, generate=False)
@@ -86,10 +95,7 @@ async def test_jobs_of_a_crashed_worker_are_reclaimed(store, model_thread):
     b = ConsolidationWorker(store, consolidator, "b", claim_idle_ms=100, block_ms=50)
     await asyncio.sleep(0.2)
     task = asyncio.create_task(b.run())
-    for _ in range(100):
-        if b.processed:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: b.processed)
     b.stop()
     await task
     assert b.processed == 1
@@ -106,10 +112,7 @@ async def test_workers_share_the_stream(store, model_thread):
     consolidator = Consolidator(store, model_thread, LevelBook())
     workers = [ConsolidationWorker(store, consolidator, name, block_ms=50) for name in "xyz"]
     tasks = [asyncio.create_task(w.run()) for w in workers]
-    for _ in range(200):
-        if sum(w.processed for w in workers) == 3:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: sum(w.processed for w in workers) == 3)
     for w in workers:
         w.stop()
     await asyncio.gather(*tasks)
@@ -151,11 +154,7 @@ async def test_a_consolidation_running_at_shutdown_is_interrupted_and_redone_lat
     await store.enqueue_consolidation(session, version)
     worker = ConsolidationWorker(store, Consolidator(store, slow, LevelBook()), "a", block_ms=50)
     task = asyncio.create_task(worker.run())
-    for _ in range(200):
-        if worker.busy:
-            break
-        await asyncio.sleep(0.05)
-    assert worker.busy
+    assert await until(lambda: worker.busy)
     started = time.monotonic()
     await worker.shutdown(task, 0.2)
     await asyncio.to_thread(slow.stop)
@@ -169,10 +168,7 @@ async def test_a_consolidation_running_at_shutdown_is_interrupted_and_redone_lat
                                    claim_idle_ms=100, block_ms=50)
         await asyncio.sleep(0.2)
         task = asyncio.create_task(redo.run())
-        for _ in range(200):
-            if redo.processed:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: redo.processed)
         redo.stop()
         await task
     finally:
