@@ -7,7 +7,7 @@ paragraph. Deterministic for a seed; the package ships the output as `model/pres
 (a live turn's anchor). `--plain` continues each bare topic title outside the chat template
 instead: the model's own prose, consolidation's anchor (`anchor_plain.txt`; the shipped file is
 seed 0 with one profane sentence taken out by hand).
-The accept/reject probe (`probe.txt`) stays hand-written prose, held out from training.
+The accept/reject probe (`probe.txt`, 1.1k tokens) stays hand-written prose, held out from training.
 """
 
 from __future__ import annotations
