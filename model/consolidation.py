@@ -486,8 +486,6 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
                              for e in negatives]) if neg is not None else None
 
     def objective(logits_fn):
-        if should_stop is not None and should_stop():
-            raise Interrupted("consolidation interrupted before it finished; nothing was changed")
         loss, surprise = 0.0, 0.0
         batches = groups + ([(rounds[step[0] % len(rounds)], 1.0)] if rounds else [])
         anchor = anchors[step[0] % len(anchors)]
@@ -510,6 +508,13 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     on_policy: list = []  # [(ids, select, weights, frozen logprobs)]
 
     def full_objective(logits_fn):
+        if should_stop is not None:  # asked before each forward pass: a step takes seconds to minutes
+            inner = logits_fn
+
+            def logits_fn(ids, select=None):
+                if should_stop():
+                    raise Interrupted("consolidation interrupted before it finished; nothing was changed")
+                return inner(ids, select)
         loss, surprise = objective(logits_fn)
         for ids, select, weights, ref in on_policy:
             loss = loss + config.on_policy_weight * _kl(logits_fn(ids, select), ref, weights) / len(on_policy)

@@ -167,10 +167,11 @@ class ModelThread:
 
     def stop(self) -> None:
         """Fails queued work, lets the call or decode step in progress end (a consolidation
-        polls `stopping` between its steps) and waits for the thread (up to 30 s)."""
+        polls `stopping` before each forward pass) and waits for the thread (up to 60 s: on a
+        loaded CPU a backward pass alone can take half a minute)."""
         self._stopped.set()
         self._inbox.put(("stop", None))
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
 
     # ---- model thread side
 

@@ -153,7 +153,7 @@ def test_an_update_past_the_drift_budget_is_cut_back_then_refused(tiny):
     assert report.accepted and report.step_scale == 1.0 and not torch.equal(new.b, fresh.b)
 
 
-def test_a_consolidation_asked_to_stop_raises_interrupted_after_the_step_in_progress(tiny):
+def test_a_consolidation_asked_to_stop_raises_interrupted_at_its_next_forward_pass(tiny):
     from nsam.model.consolidation import consolidate
     from nsam.model.errors import Interrupted
 
@@ -162,14 +162,14 @@ def test_a_consolidation_asked_to_stop_raises_interrupted_after_the_step_in_prog
     transcript = [{"role": "user", "content": "My dog's name is Rex."}, {"role": "assistant", "content": "Noted."}]
     asked = []
 
-    def stop_after_two_steps() -> bool:
+    def stop_at_the_third_pass() -> bool:
         asked.append(1)
         return len(asked) > 2
 
     with pytest.raises(Interrupted):
         consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids, tiny.probe_ids,
-                    tiny.consolidation, stop_after_two_steps)
-    assert len(asked) == 3 < tiny.consolidation.steps  # asked before every step, stopped at once
+                    tiny.consolidation, stop_at_the_third_pass)
+    assert len(asked) == 3  # asked before every forward pass, stopped at the first "yes"
     assert not fresh.b.any()  # pure: its input is untouched
 
 
