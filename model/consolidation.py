@@ -441,7 +441,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     """Fold what the user said in `transcript` into `user_state`, rehearsing the `known` facts of
     earlier sessions with it (`report.known`: what to keep for the next); never mutates its inputs.
 
-    `should_stop()` is asked before every step (they take seconds on a CPU); when it says yes the
+    `should_stop()` is asked before every forward pass of training; when it says yes the
     consolidation raises `Interrupted` so a server shutting down need not wait minutes for it."""
     started = time.perf_counter()
     user_text = "\n".join(m["content"] for m in transcript if m["role"] == "user")
