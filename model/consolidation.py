@@ -441,9 +441,16 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     """Fold what the user said in `transcript` into `user_state`, rehearsing the `known` facts of
     earlier sessions with it (`report.known`: what to keep for the next); never mutates its inputs.
 
-    `should_stop()` is asked before every forward pass of training; when it says yes the
-    consolidation raises `Interrupted` so a server shutting down need not wait minutes for it."""
+    `should_stop()` is asked before every model call (each forward pass of training, the frozen
+    model's answers, the probe); when it says yes the consolidation raises `Interrupted`, so a
+    server shutting down need not wait minutes for it."""
     started = time.perf_counter()
+
+    def checkpoint() -> None:  # before every model call: a step takes seconds to minutes on a CPU
+        if should_stop is not None and should_stop():
+            raise Interrupted("consolidation interrupted before it finished; nothing was changed")
+
+    checkpoint()
     user_text = "\n".join(m["content"] for m in transcript if m["role"] == "user")
     stated = extract_facts(user_text)
     facts = list(merge_facts(known, stated, config.rehearse_known))
@@ -466,6 +473,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     untaught = [u for u in UNTAUGHT_PROBES if u not in taught][:config.untaught_probes]
     negatives = []
     for attr in untaught:
+        checkpoint()
         prompt = tokenizer.encode_chat([{"role": "user", "content": f"What is my {attr}?"}])
         answer = _frozen(model, ("greedy", tuple(prompt)), lambda: _greedy(model, prompt, 12, tokenizer.eos_token_ids))
         negatives.append(TrainingExample(prompt + answer, [0.0] * (len(prompt) - 1) + [1.0] * len(answer)))
@@ -477,9 +485,12 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     # whole text in turn rather than on its first windows every time.
     anchors = anchor_windows(anchor_ids, config.anchor_window, start=int(user_state.step))
     neg = _selected(negatives) if negatives else None
+    checkpoint()
     chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
+    checkpoint()
     terms = value_terms(tokenizer, facts, facts, taught, forms, config.slots, config.slot_weight,
                         config.binding_weight, model)
+    checkpoint()
     with torch.inference_mode():
         chat_ref = _frozen(model, ("chat-anchor-logprobs",), lambda: F.log_softmax(model(chat_ids)[chat_sel].float(), -1))
         neg_ref = torch.cat([_frozen(model, ("answer-logprobs", tuple(e.ids)), lambda e=e: _answer_logprobs(model, e))
@@ -508,12 +519,11 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     on_policy: list = []  # [(ids, select, weights, frozen logprobs)]
 
     def full_objective(logits_fn):
-        if should_stop is not None:  # asked before each forward pass: a step takes seconds to minutes
+        if should_stop is not None:
             inner = logits_fn
 
             def logits_fn(ids, select=None):
-                if should_stop():
-                    raise Interrupted("consolidation interrupted before it finished; nothing was changed")
+                checkpoint()
                 return inner(ids, select)
         loss, surprise = objective(logits_fn)
         for ids, select, weights, ref in on_policy:
@@ -537,6 +547,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         surprise = first if done == 0 else surprise
         done = stop
         if done < config.steps and untaught_questions:
+            checkpoint()
             negatives_now = _on_policy_negatives(model, tokenizer, spec, [new], [], untaught_questions,
                                                  config.on_policy_tokens)
             if negatives_now is not None:
@@ -549,10 +560,12 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     # Trust region: the probe's perplexity (cumulative, vs the frozen model) must stay within the
     # budget; if the full update is past it, try shorter steps from the old state towards it.
     budget = math.log1p(config.probe_ppl_budget)
+    checkpoint()
     candidate, candidate_probe, scale = new, probe_loss(model, spec, [new], probe_ids), 1.0
     for alpha in config.shrink:
         if math.isfinite(candidate_probe) and candidate_probe - baseline <= budget:
             break
+        checkpoint()
         candidate, scale = _interpolate(user_state, new, alpha), alpha
         candidate_probe = probe_loss(model, spec, [candidate], probe_ids)
     new = candidate

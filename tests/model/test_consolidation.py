@@ -153,23 +153,32 @@ def test_an_update_past_the_drift_budget_is_cut_back_then_refused(tiny):
     assert report.accepted and report.step_scale == 1.0 and not torch.equal(new.b, fresh.b)
 
 
-def test_a_consolidation_asked_to_stop_raises_interrupted_at_its_next_forward_pass(tiny):
+def test_a_consolidation_asked_to_stop_raises_interrupted_before_its_next_model_call(tiny):
     from nsam.model.consolidation import consolidate
     from nsam.model.errors import Interrupted
 
     spec = tiny.levels.get("user")
     fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
     transcript = [{"role": "user", "content": "My dog's name is Rex."}, {"role": "assistant", "content": "Noted."}]
-    asked = []
+    passes = []
+    hook = tiny.model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        for stop_at in (1, 3, 12):  # while precomputing (first call: nothing cached yet) and while training
+            asked, passes[:] = [], []
 
-    def stop_at_the_third_pass() -> bool:
-        asked.append(1)
-        return len(asked) > 2
+            def stop() -> bool:
+                asked.append(len(passes))
+                return len(asked) >= stop_at
 
-    with pytest.raises(Interrupted):
-        consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids, tiny.probe_ids,
-                    tiny.consolidation, stop_at_the_third_pass)
-    assert len(asked) == 3  # asked before every forward pass, stopped at the first "yes"
+            with pytest.raises(Interrupted):
+                consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids, tiny.probe_ids,
+                            tiny.consolidation, stop)
+            assert len(asked) == stop_at
+            assert len(passes) == asked[-1]  # no forward pass after the "yes"
+            if stop_at == 1:
+                assert passes == []  # not even the frozen model's answers or the probe baseline
+    finally:
+        hook.remove()
     assert not fresh.b.any()  # pure: its input is untouched
 
 
