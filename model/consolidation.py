@@ -571,6 +571,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     new = candidate
     recall = math.nan
     if rehearsal:
+        checkpoint()
         ids, targets, weights = _batch(rehearsal)
         with torch.inference_mode():
             zero_a = torch.zeros(len(spec.layers), 0, new.a.shape[-1])

@@ -145,8 +145,8 @@ class NsamServer:
             self.health_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)  # refuses new RPCs, lets turns in flight finish
-        # A consolidation takes minutes on a CPU: one still running is interrupted at its next
-        # step rather than awaited; its job stays queued and a worker redoes it.
+        # A consolidation takes minutes on a CPU: one still running is interrupted before its next
+        # model call rather than awaited; its job stays queued and a worker redoes it.
         if self.worker is not None:
             await self.worker.shutdown(self.worker_task, 0)
         await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.threads))

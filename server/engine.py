@@ -167,7 +167,7 @@ class ModelThread:
 
     def stop(self) -> None:
         """Fails queued work, lets the call or decode step in progress end (a consolidation
-        polls `stopping` before each forward pass) and waits for the thread (up to 60 s: on a
+        polls `stopping` before each model call) and waits for the thread (up to 60 s: on a
         loaded CPU a backward pass alone can take half a minute)."""
         self._stopped.set()
         self._inbox.put(("stop", None))
