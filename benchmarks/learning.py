@@ -277,9 +277,9 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
             state, _ = m.update_medium(state, hist)
         user, rep = m.consolidate(user, state, hist)
         accepted += rep.accepted
-        shortened += rep.accepted and rep.step_scale < 1
-        log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason}, step x{rep.step_scale:g} "
-            f"({rep.seconds:.0f}s)")
+        shortened += rep.accepted and (rep.step_scale < 1 or rep.steps_kept < m.consolidation.steps)
+        log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason}, {rep.steps_kept} steps "
+            f"x{rep.step_scale:g} ({rep.seconds:.0f}s)")
         if s + 1 in (5, 10) and s + 1 < len(sessions):  # milestones: a long chain can be cut short
             mid = mean_loss(m, general, m._read(user, "user").levels["user"])
             milestones[s + 1] = math.exp(mid) / math.exp(base_loss) - 1
@@ -492,7 +492,7 @@ def main() -> None:
         user_states[e.user], rep = m.consolidate(fresh_user, states[e.user], history[e.user])
         cons.append({"user": e.user, "accepted": rep.accepted, "reason": rep.reason, "facts": rep.facts,
                      "probe_change": rep.probe_loss / rep.baseline_probe_loss - 1 if rep.accepted else None,
-                     "step_scale": rep.step_scale,
+                     "step_scale": rep.step_scale, "steps_kept": rep.steps_kept,
                      "seconds": time.perf_counter() - t0})
         log(f"  consolidate {e.user}: {rep.reason}, {rep.facts} facts extracted, "
             f"probe {rep.probe_loss:.3f} vs {rep.baseline_probe_loss:.3f}, {time.perf_counter() - t0:.0f}s")

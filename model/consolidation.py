@@ -10,6 +10,7 @@ figures and decides whether to commit.
 from __future__ import annotations
 
 import math
+import re
 import time
 import weakref
 from collections.abc import Callable
@@ -50,6 +51,7 @@ class ConsolidationReport:
     drift: float
     seconds: float
     step_scale: float = 1.0  # < 1: the update was cut back to stay within the probe budget
+    steps_kept: int = 0  # training steps in the level kept (< the configured steps: an earlier one)
     # The facts the new level was rehearsed on (this session's and the earlier ones not restated),
     # for the caller to keep with it: the next consolidation rehearses them again.
     known: tuple[Fact, ...] = ()
@@ -114,24 +116,74 @@ GENERAL_QUESTIONS = (
     "Name three primary colours.", "What is a synonym for happy?", "Who wrote Romeo and Juliet?")
 
 
-def untaught_slots(facts: list[Fact], taught: set[str], n: int) -> list[Slot]:
+def untaught_slots(facts: list[Fact], taught: set[str], n: int,
+                   neighbours: Callable[[str], list[str]] | None = None) -> list[Slot]:
     """Slots that look like the taught ones but were never filled: the same slot with another
-    owner ("my cousin's name" when the sister's was taught), then common personal attributes
-    and the extraction patterns' unfilled frames."""
-    out = []
+    owner ("my brother's name" when the sister's was taught), then common personal attributes
+    and the extraction patterns' unfilled frames. The other owners are `neighbours(owner)` (the
+    words nearest it, `embedding_neighbours`), taken in turn over the facts; without it, owners
+    from a fixed list of relations."""
+    rounds: list[list[Slot]] = []
     for i, f in enumerate(facts):
-        if f.key.endswith("'s name"):
-            owners = [r for r in _RELATIONS if f"{r}'s name" not in taught]
-            owner = owners[(len(f.answer) + i) % len(owners)]
-            out.append(Slot(f"What is my {owner}'s name?", f"Your {owner}'s name is"))
+        if not f.key.endswith("'s name"):
+            continue
+        owner = f.key.removesuffix("'s name")
+        head, _, last = owner.rpartition(" ")  # "piano teacher" -> another kind of teacher
+        near = [f"{head} {w}".strip() for w in neighbours(last)] if neighbours else []
+        if not neighbours:
+            fixed = [r for r in _RELATIONS if f"{r}'s name" not in taught]
+            near = [fixed[(len(f.answer) + i) % len(fixed)]]
+        near = [o for o in near if f"{o}'s name" not in taught][:NEAR_OWNERS]
+        for r, o in enumerate(near):
+            if len(rounds) <= r:
+                rounds.append([])
+            rounds[r].append(Slot(f"What is my {o}'s name?", f"Your {o}'s name is"))
+    out = [s for r in rounds for s in r]
     attributes = [Slot(f"What is my {u}?", f"Your {u} is") for u in UNTAUGHT_PROBES if u not in taught]
     frames = [Slot(qs[0], a.split("{0}")[0].strip()) for _, key, qs, a in PATTERNS if key != "{0}" and key not in taught]
     out += [s for pair in zip(attributes, frames) for s in pair] + attributes[len(frames):] + frames[len(attributes):]
     return out[:n]
 
 
-def near_miss_questions(facts: list[Fact], taught: set[str], n: int) -> list[str]:
-    return [s.question for s in untaught_slots(facts, taught, n)]
+NEAR_OWNERS = 2  # other owners per taught name, nearest first
+
+
+# Words for a kind of owner rather than another owner: asked "what is my pet's name?" after
+# the dog's, the dog's name is the right answer, so these never serve as near misses.
+_KINDS = ("pet", "animal", "sibling", "relative", "parent", "child", "family", "friend", "person", "people")
+
+
+def embedding_neighbours(model: Transformer, tokenizer, k: int = 8) -> Callable[[str], list[str]]:
+    """`word -> the k whole words nearest it by the backbone's input embedding` (cosine), its
+    own forms, plurals and kinds left out: "sister" -> brother, cousin, daughter, nephew, aunt,
+    ...; "dog" -> cat, puppy, canine, horse, bird, .... These are where a taught value leaks
+    first, found without a list of the relations a user might name. Computed once per model;
+    a word that is not one token has none."""
+    def vocabulary():
+        ids = [t for t in range(model.embed_tokens.num_embeddings)
+               if re.fullmatch(r" [a-z]{3,}", tokenizer.decode([t]))]
+        table = model.embed_tokens.weight.detach()[ids].float()
+        return ids, [tokenizer.decode([t]).strip() for t in ids], F.normalize(table, dim=-1)
+
+    ids, words, table = _frozen(model, ("vocabulary",), vocabulary)
+    index, known = {t: i for i, t in enumerate(ids)}, set(words)
+
+    def other(word: str, w: str) -> bool:
+        plural = w.endswith("s") and w[:-1] in known
+        return not (plural or w in _KINDS or w.startswith(word) or word.startswith(w))
+
+    def near(word: str) -> list[str]:
+        token = tokenizer.encode(f" {word}")
+        if len(token) != 1 or token[0] not in index:
+            return []
+        order = (table @ table[index[token[0]]]).argsort(descending=True)[:4 * k].tolist()
+        return [words[j] for j in order if other(word, words[j])][:k]
+    return near
+
+
+def near_miss_questions(facts: list[Fact], taught: set[str], n: int,
+                        neighbours: Callable[[str], list[str]] | None = None) -> list[str]:
+    return [s.question for s in untaught_slots(facts, taught, n, neighbours)]
 
 
 def _value_start(tokenizer, prefix: str, value: str) -> tuple[list[int], int | None]:
@@ -199,11 +251,12 @@ class ValueTerms:
 
 
 def value_terms(tokenizer, facts: list[Fact], near: list[Fact], taught: set[str], forms: int, n_slots: int,
-                slot_weight: float, binding_weight: float, parent_logits) -> ValueTerms:
+                slot_weight: float, binding_weight: float, parent_logits,
+                neighbours: Callable[[str], list[str]] | None = None) -> ValueTerms:
     """Binding over `facts` (each question form in turn) and `n_slots` untaught slots near `near`;
     `parent_logits(ids)` gives the reference the slots are held to."""
     values = [f.value for f in facts]
-    untaught = untaught_slots(near, taught, n_slots) if slot_weight else []
+    untaught = untaught_slots(near, taught, n_slots, neighbours) if slot_weight else []
     slots = value_batch(tokenizer, untaught, values, [None] * len(untaught)) if untaught else None
     bindings = [value_batch(tokenizer, fact_slots(facts, r), values, values) for r in range(forms)
                 ] if binding_weight and len(facts) > 1 else []
@@ -407,7 +460,11 @@ class ConsolidationConfig:
     # +1.35% (2 updates cut back) against +2.54% with the old 383-token probe at 8%, at 73% of the
     # user's facts recalled against 85%.
     probe_ppl_budget: float = 0.02
-    shrink: tuple[float, ...] = (0.5, 0.25)  # past the budget: try old + alpha (new - old) for these alphas
+    # Past the budget, first the level as it was every this many steps (0: never), latest first:
+    # fewer steps keep fewer values. Only then interpolation, which keeps an answer's form and
+    # loses its values (stop 9: user03 recalled 0% at x0.5, 60% with the level of step 18).
+    fallback_every: int = 0
+    shrink: tuple[float, ...] = (0.5, 0.25)  # still past it: try old + alpha (new - old) for these alphas
     untaught_probes: int = 4
     anchor_window: int = 256  # tokens of anchor text per step (0: all of it every step)
     # Untaught slots with their answer prefix teacher-forced (`slot_loss`).
@@ -423,6 +480,9 @@ class ConsolidationConfig:
     on_policy_probes: int = 4
     on_policy_tokens: int = 12
     on_policy_weight: float = 1.0
+    # Other owners in the near-miss slots and questions: "embedding" (the backbone's nearest words
+    # to a taught owner: sister -> brother, cousin, nephew) or "relations" (a fixed list).
+    near_owners: str = "relations"
     rotate_questions: bool = True  # one question form per fact per step (cheaper than all forms)
     replay: str = "facts"  # "facts": replay only the user messages that stated facts; "all"
     # Facts of earlier sessions rehearsed with this session's (their latest values, the most recent
@@ -488,8 +548,9 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     checkpoint()
     chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer))
     checkpoint()
+    neighbours = embedding_neighbours(model, tokenizer) if config.near_owners == "embedding" else None
     terms = value_terms(tokenizer, facts, facts, taught, forms, config.slots, config.slot_weight,
-                        config.binding_weight, model)
+                        config.binding_weight, model, neighbours)
     checkpoint()
     with torch.inference_mode():
         chat_ref = _frozen(model, ("chat-anchor-logprobs",), lambda: F.log_softmax(model(chat_ids)[chat_sel].float(), -1))
@@ -515,7 +576,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             loss = loss + config.untaught_weight * _kl(logits_fn(neg[0], neg[1]), neg_ref, neg[3])
         return loss, surprise
 
-    untaught_questions = near_miss_questions(facts, taught, config.on_policy_probes)
+    untaught_questions = near_miss_questions(facts, taught, config.on_policy_probes, neighbours)
     on_policy: list = []  # [(ids, select, weights, frozen logprobs)]
 
     def full_objective(logits_fn):
@@ -542,11 +603,17 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     new, surprise, done = user_state, math.nan, 0
     if project is not None:
         new = replace(new, a=project(new.a))
-    for stop in sorted({s for s in config.on_policy_at if 0 < s < config.steps}) + [config.steps]:
+    on_policy_stops = {s for s in config.on_policy_at if 0 < s < config.steps}
+    every = config.fallback_every
+    fallback_stops = set(range(every, config.steps, every)) if every > 0 else set()
+    fallbacks: list[tuple[int, LoraState]] = []  # (steps trained, level) along the way
+    for stop in sorted(on_policy_stops | fallback_stops) + [config.steps]:
         new, first = train_lora(model, spec, new, [], full_objective, stop - done, config.lr, project)
         surprise = first if done == 0 else surprise
         done = stop
-        if done < config.steps and untaught_questions:
+        if done in fallback_stops:
+            fallbacks.append((done, new))
+        if done in on_policy_stops and untaught_questions:
             checkpoint()
             negatives_now = _on_policy_negatives(model, tokenizer, spec, [new], [], untaught_questions,
                                                  config.on_policy_tokens)
@@ -558,12 +625,25 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
                                                level.update_norm, level.drift, time.perf_counter() - started,
                                                known=known)
     # Trust region: the probe's perplexity (cumulative, vs the frozen model) must stay within the
-    # budget; if the full update is past it, try shorter steps from the old state towards it.
+    # budget. Past it, in turn: the level as it was after fewer steps, latest first; shorter
+    # steps from the old state by interpolation.
     budget = math.log1p(config.probe_ppl_budget)
+
+    def within(loss: float) -> bool:
+        return math.isfinite(loss) and loss - baseline <= budget
+
     checkpoint()
-    candidate, candidate_probe, scale = new, probe_loss(model, spec, [new], probe_ids), 1.0
+    candidate_probe = probe_loss(model, spec, [new], probe_ids)
+    steps_kept = config.steps
+    for steps_then, earlier in reversed(fallbacks):
+        if within(candidate_probe):
+            break
+        checkpoint()
+        new, steps_kept = earlier, steps_then
+        candidate_probe = probe_loss(model, spec, [new], probe_ids)
+    candidate, scale = new, 1.0
     for alpha in config.shrink:
-        if math.isfinite(candidate_probe) and candidate_probe - baseline <= budget:
+        if within(candidate_probe):
             break
         checkpoint()
         candidate, scale = _interpolate(user_state, new, alpha), alpha
@@ -578,11 +658,10 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             zero_b = torch.zeros(len(spec.layers), new.b.shape[1], 0)
             losses = token_losses(lora_logits(model, spec, [new], zero_a, zero_b, ids), targets)
         recall = float((losses * weights).sum() / weights.sum())
-    ok = (math.isfinite(candidate_probe) and candidate_probe - baseline <= budget
-          and candidate_probe <= baseline * (1 + config.max_forgetting))
+    ok = within(candidate_probe) and candidate_probe <= baseline * (1 + config.max_forgetting)
     report = ConsolidationReport(ok, "ok" if ok else "forgetting", candidate_probe, baseline, recall, len(stated),
                                  level.update_norm, level.drift, time.perf_counter() - started, scale,
-                                 tuple(facts) if ok else known)
+                                 steps_kept, tuple(facts) if ok else known)
     return (new if ok else user_state), report
 
 

@@ -65,6 +65,26 @@ def test_untaught_slots_carry_the_answer_prefix_of_a_slot_never_filled():
     assert all(s.prefix != "You live in" and "sister" not in s.question for s in slots)
 
 
+def test_near_miss_slots_take_each_taught_owners_nearest_untaught_neighbours_in_turn():
+    facts = extract_facts("My sister's name is Olvena. My brother's name is Tam. My piano teacher's name is Brek.")
+    near = {"sister": ["brother", "cousin", "aunt"], "brother": ["sister", "nephew"], "teacher": ["tutor"]}
+    slots = untaught_slots(facts, {f.key for f in facts}, 6, lambda word: near.get(word, []))
+    assert [s.question for s in slots[:5]] == [
+        "What is my cousin's name?", "What is my nephew's name?", "What is my piano tutor's name?",  # brother is taught
+        "What is my aunt's name?", "What is my favorite color?"]
+    assert slots[2].prefix == "Your piano tutor's name is"
+
+
+def test_the_backbones_nearest_words_to_an_owner_are_other_owners_of_its_kind(real_model):
+    from nsam.model.consolidation import embedding_neighbours
+
+    near = embedding_neighbours(real_model.model, real_model.tokenizer)
+    sister, dog = near("sister"), near("dog")
+    assert {"brother", "cousin"} <= set(sister) and "cat" in dog
+    assert not {"sister", "sisters", "sibling"} & set(sister) and "pet" not in dog  # its own forms and kinds
+    assert near("Olvenaqz") == []  # not one token: no neighbours
+
+
 def test_value_batch_cuts_each_question_at_the_position_that_predicts_its_value(real_model):
     tok = real_model.tokenizer
     facts = extract_facts("My sister's name is Geiplex. My locker code is 4821. My dog's name is Vestar.")
@@ -151,6 +171,33 @@ def test_an_update_past_the_drift_budget_is_cut_back_then_refused(tiny):
     new, report = consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
                               tiny.probe_ids, roomy)
     assert report.accepted and report.step_scale == 1.0 and not torch.equal(new.b, fresh.b)
+
+
+def test_past_the_drift_budget_the_level_after_fewer_steps_is_kept_before_any_cut_back(tiny, monkeypatch):
+    import weakref
+    from dataclasses import replace
+
+    import nsam.model.consolidation as consolidation
+
+    # The probe as the trust region sees it: within the budget up to 12 training steps, past it after.
+    def probe(model, spec, levels, ids):
+        return 1.0 if levels and int(levels[0].step) > 12 else 0.0
+
+    monkeypatch.setattr(consolidation, "probe_loss", probe)
+    monkeypatch.setattr(consolidation, "_FROZEN_CACHE", weakref.WeakKeyDictionary())  # no cached baseline
+    spec = tiny.levels.get("user")
+    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    transcript = [{"role": "user", "content": "My dog's name is Rex. My cat's name is Olvena."},
+                  {"role": "assistant", "content": "Noted."}]
+    config = replace(tiny.consolidation, steps=24, on_policy_at=(12,), fallback_every=6, shrink=(0.5,))
+    new, report = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
+                                            tiny.probe_ids, config)
+    assert report.accepted and report.steps_kept == 12 and report.step_scale == 1.0
+    assert int(new.step) == 12 and not torch.equal(new.b, fresh.b)  # the trained level itself, not a blend
+    # Without the fallbacks, the same update is cut back by interpolation and keeps the full step count.
+    new, report = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
+                                            tiny.probe_ids, replace(config, fallback_every=0))
+    assert not report.accepted and report.steps_kept == 24 and report.step_scale == 0.5
 
 
 def test_a_consolidation_asked_to_stop_raises_interrupted_before_its_next_model_call(tiny):
