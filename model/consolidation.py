@@ -52,6 +52,8 @@ class ConsolidationReport:
     seconds: float
     step_scale: float = 1.0  # < 1: the update was cut back to stay within the probe budget
     steps_kept: int = 0  # training steps in the level kept (< the configured steps: an earlier one)
+    # What the drift budget let through: "full", "fewer steps" (an earlier level) or "interpolated".
+    trust_region: str = "full"
     # The facts the new level was rehearsed on (this session's and the earlier ones not restated),
     # for the caller to keep with it: the next consolidation rehearses them again.
     known: tuple[Fact, ...] = ()
@@ -649,6 +651,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         candidate, scale = _interpolate(user_state, new, alpha), alpha
         candidate_probe = probe_loss(model, spec, [candidate], probe_ids)
     new = candidate
+    trust_region = "interpolated" if scale < 1 else "fewer steps" if steps_kept < config.steps else "full"
     recall = math.nan
     if rehearsal:
         checkpoint()
@@ -661,7 +664,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     ok = within(candidate_probe) and candidate_probe <= baseline * (1 + config.max_forgetting)
     report = ConsolidationReport(ok, "ok" if ok else "forgetting", candidate_probe, baseline, recall, len(stated),
                                  level.update_norm, level.drift, time.perf_counter() - started, scale,
-                                 steps_kept, tuple(facts) if ok else known)
+                                 steps_kept, trust_region, tuple(facts) if ok else known)
     return (new if ok else user_state), report
 
 

@@ -106,3 +106,8 @@ consolidation_jobs_total = Counter(
     "nsam_consolidation_jobs_total",
     "Consolidation jobs by outcome (accepted, rejected, conflict, failed).", ["outcome"],
 )
+consolidation_trust_region_total = Counter(
+    "nsam_consolidation_trust_region_total",
+    "Accepted consolidations by what the drift budget kept: full (the whole update), fewer steps "
+    "(the level after fewer training steps), interpolated (part of the way from the old level).", ["kept"],
+)

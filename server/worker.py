@@ -99,6 +99,7 @@ class Consolidator:
         observe_finite(metrics.level_update_norm.labels("user"), report.update_norm)
         observe_finite(metrics.level_drift.labels("user"), report.drift)
         observe_finite(metrics.level_update_duration_seconds.labels("user"), report.seconds)
+        metrics.consolidation_trust_region_total.labels(report.trust_region).inc()
         return ConsolidationOutcome(session_id, "accepted", report.reason, version, **common)
 
 

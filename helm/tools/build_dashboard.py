@@ -151,6 +151,11 @@ ROWS: tuple[Row, ...] = (
             Target(f"sum by (outcome) (rate(nsam_consolidation_jobs_total{{{NS}}}[{RATE}]))", "{{outcome}}"),),
               unit="ops", description="accepted, rejected (failed the probe), conflict, failed."),
         Panel("Job duration", quantiles("nsam_consolidation_duration_seconds", legend="duration"), unit="s"),
+        Panel("What the drift budget kept", (
+            Target(f"sum by (kept) (rate(nsam_consolidation_trust_region_total{{{NS}}}[{RATE}]))", "{{kept}}"),),
+              unit="ops", description="Accepted consolidations: the full update, the level after fewer steps, "
+                                      "or an interpolation towards the old level (learns forms, not values). "
+                                      "Anything but full means a user's history is near the general-text budget."),
     )),
 )
 

@@ -193,11 +193,13 @@ def test_past_the_drift_budget_the_level_after_fewer_steps_is_kept_before_any_cu
     new, report = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
                                             tiny.probe_ids, config)
     assert report.accepted and report.steps_kept == 12 and report.step_scale == 1.0
+    assert report.trust_region == "fewer steps"
     assert int(new.step) == 12 and not torch.equal(new.b, fresh.b)  # the trained level itself, not a blend
     # Without the fallbacks, the same update is cut back by interpolation and keeps the full step count.
     new, report = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
                                             tiny.probe_ids, replace(config, fallback_every=0))
     assert not report.accepted and report.steps_kept == 24 and report.step_scale == 0.5
+    assert report.trust_region == "interpolated"
 
 
 def test_a_consolidation_asked_to_stop_raises_interrupted_before_its_next_model_call(tiny):

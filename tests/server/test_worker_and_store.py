@@ -132,6 +132,16 @@ async def test_consolidation_of_a_forgotten_session_writes_nothing(store, model_
     assert redis_db[1].keys("*alice*") == [] and redis_db[1].xlen(STREAM) == 0
 
 
+async def test_an_accepted_consolidation_counts_what_the_drift_budget_kept(store, model_thread):
+    from nsam.server import metrics
+
+    session, _ = await _session_with_a_turn(store, model_thread)
+    kept = metrics.consolidation_trust_region_total.labels("full")
+    before = kept._value.get()
+    outcome = await Consolidator(store, model_thread, LevelBook()).run(session.session_id)
+    assert outcome.outcome == "accepted" and kept._value.get() == before + 1
+
+
 async def test_concurrent_consolidations_do_not_lose_an_update(store, model_thread):
     s1, _ = await _session_with_a_turn(store, model_thread)
     s2, _ = await _session_with_a_turn(store, model_thread)
