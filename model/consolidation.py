@@ -462,9 +462,10 @@ class ConsolidationConfig:
     # +1.35% (2 updates cut back) against +2.54% with the old 383-token probe at 8%, at 73% of the
     # user's facts recalled against 85%.
     probe_ppl_budget: float = 0.02
-    # Past the budget, first the level as it was every this many steps (0: never), latest first:
-    # fewer steps keep fewer values. Only then interpolation, which keeps an answer's form and
-    # loses its values (stop 9: user03 recalled 0% at x0.5, 60% with the level of step 18).
+    # Past the budget, first the level as it was every this many steps (0: never), latest first,
+    # then interpolation. From an empty level interpolation keeps an answer's form and loses its
+    # values (stop 10: user03 recalled 0% at x0.5, 60% with the level of step 18); in a long chain
+    # it is better (10 sessions, every 3: latest values recalled 45% against 73%), so 0.
     fallback_every: int = 0
     shrink: tuple[float, ...] = (0.5, 0.25)  # still past it: try old + alpha (new - old) for these alphas
     untaught_probes: int = 4
@@ -483,7 +484,8 @@ class ConsolidationConfig:
     on_policy_tokens: int = 12
     on_policy_weight: float = 1.0
     # Other owners in the near-miss slots and questions: "embedding" (the backbone's nearest words
-    # to a taught owner: sister -> brother, cousin, nephew) or "relations" (a fixed list).
+    # to a taught owner: sister -> brother, cousin, nephew) or "relations" (a fixed list). Stop 10,
+    # 24 steps, 9 users: embedding gave recall 88% and false binding 18% against 93% and 22%.
     near_owners: str = "relations"
     rotate_questions: bool = True  # one question form per fact per step (cheaper than all forms)
     replay: str = "facts"  # "facts": replay only the user messages that stated facts; "all"
