@@ -277,7 +277,7 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
             state, _ = m.update_medium(state, hist)
         user, rep = m.consolidate(user, state, hist)
         accepted += rep.accepted
-        shortened += rep.accepted and (rep.step_scale < 1 or rep.steps_kept < m.consolidation.steps)
+        shortened += rep.accepted and rep.trust_region != "full"
         log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason}, {rep.steps_kept} steps "
             f"x{rep.step_scale:g} ({rep.seconds:.0f}s)")
         if s + 1 in (5, 10) and s + 1 < len(sessions):  # milestones: a long chain can be cut short

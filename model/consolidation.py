@@ -131,8 +131,9 @@ def untaught_slots(facts: list[Fact], taught: set[str], n: int,
             continue
         owner = f.key.removesuffix("'s name")
         head, _, last = owner.rpartition(" ")  # "piano teacher" -> another kind of teacher
-        near = [f"{head} {w}".strip() for w in neighbours(last)] if neighbours else []
-        if not neighbours:
+        if neighbours:
+            near = [f"{head} {w}".strip() for w in neighbours(last)]
+        else:
             fixed = [r for r in _RELATIONS if f"{r}'s name" not in taught]
             near = [fixed[(len(f.answer) + i) % len(fixed)]]
         near = [o for o in near if f"{o}'s name" not in taught][:NEAR_OWNERS]
@@ -610,7 +611,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     on_policy_stops = {s for s in config.on_policy_at if 0 < s < config.steps}
     every = config.fallback_every
     fallback_stops = set(range(every, config.steps, every)) if every > 0 else set()
-    fallbacks: list[tuple[int, LoraState]] = []  # (steps trained, level) along the way
+    fallbacks: list[tuple[int, LoraState]] = []  # (steps trained, level) along the way, oldest first
     for stop in sorted(on_policy_stops | fallback_stops) + [config.steps]:
         new, first = train_lora(model, spec, new, [], full_objective, stop - done, config.lr, project)
         surprise = first if done == 0 else surprise
@@ -636,23 +637,14 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     def within(loss: float) -> bool:
         return math.isfinite(loss) and loss - baseline <= budget
 
-    checkpoint()
-    candidate_probe = probe_loss(model, spec, [new], probe_ids)
-    steps_kept = config.steps
-    for steps_then, earlier in reversed(fallbacks):
-        if within(candidate_probe):
-            break
+    tries = [(new, config.steps, 1.0)] + [(earlier, steps, 1.0) for steps, earlier in reversed(fallbacks)]
+    shortest, shortest_steps, _ = tries[-1]
+    tries += [(_interpolate(user_state, shortest, alpha), shortest_steps, alpha) for alpha in config.shrink]
+    for new, steps_kept, scale in tries:  # the last one tried stands, within the budget or not
         checkpoint()
-        new, steps_kept = earlier, steps_then
         candidate_probe = probe_loss(model, spec, [new], probe_ids)
-    candidate, scale = new, 1.0
-    for alpha in config.shrink:
         if within(candidate_probe):
             break
-        checkpoint()
-        candidate, scale = _interpolate(user_state, new, alpha), alpha
-        candidate_probe = probe_loss(model, spec, [candidate], probe_ids)
-    new = candidate
     trust_region = "interpolated" if scale < 1 else "fewer steps" if steps_kept < config.steps else "full"
     recall = math.nan
     if rehearsal:
