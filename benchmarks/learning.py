@@ -474,16 +474,25 @@ def main() -> None:
                 reqs.append((rid, ids, states[e.user], fresh))
                 expected[rid] = f.value
                 meta[rid] = ids
+        for j, q in enumerate(e.untaught):  # never taught: must not get one of the user's values
+            ids, fresh = window_prompt(m, history[e.user] + [{"role": "user", "content": q}], args.window,
+                                       values[e.user])
+            reqs.append((f"{e.user}|inU|{j}", ids, states[e.user], fresh))
     t0 = time.perf_counter()
     fresh_session = m.new_session_state(None)
     ans_in = {k: v[0] for k, v in chat.run(reqs).items()}
     ans_in_frozen = {k.replace("|in|", "|inF|"): v[0] for k, v in
-                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, *_ in reqs]).items()}
+                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, *_ in reqs
+                               if "|in|" in r]).items()}
+    in_untaught = [k for k in ans_in if "|inU|" in k]
+    in_session_binding = false_bound(ans_in, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
+    ans_in = {k: v for k, v in ans_in.items() if k in expected}
     in_session_recall = score(ans_in, expected)
     in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
     details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)
-    log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}) "
-        f"[{time.perf_counter() - t0:.0f}s]")
+    details["in_session_false_binding"] = in_session_binding
+    log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}), "
+        f"untaught questions answered with a taught value {in_session_binding:.0%} [{time.perf_counter() - t0:.0f}s]")
 
     # 3) consolidation at session end.
     user_states, cons = {}, []

@@ -87,7 +87,9 @@ class Generator:
         fast_state = levels.get("fast")
         if isinstance(fast_state, AssociativeState) and self.fast_params is not None and self.learning:
             old = len(prompt_ids) - fresh_tokens if fresh_tokens is not None else 0
-            fast = FastLevelRunner(self.fast_params, fast_state, read_only=max(0, old))
+            # The history in the prompt was written by earlier turns and is still in view.
+            fast = FastLevelRunner(self.fast_params, fast_state, read_only=max(0, old),
+                                   in_context=max(0, old) if fresh_tokens is not None else None)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.waiting.append(_Running(request_id, -1, list(prompt_ids), params, lora, fast, gen,
                                      StreamDecoder(self.tokenizer)))

@@ -113,13 +113,14 @@ class AssociativeState:
     pending_eta: Tensor  # (L, C)
     pending_alpha: Tensor  # (L, C)
     pending: Tensor  # () int64: tokens of the current chunk already seen
+    taken: Tensor  # () int64: tokens the level has taken in this session (written or pending)
 
     @classmethod
     def zeros(cls, spec: LevelSpec, device: torch.device | str = "cpu") -> "AssociativeState":
         n, r, c = len(spec.layers), spec.rank, spec.period_tokens
         z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
         return cls(z(n, r, r), z(n, r, r), z(n, c, r), z(n, c, r), z(n, c), z(n, c),
-                   torch.zeros((), dtype=torch.int64))
+                   torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64))
 
     def weight_norm(self) -> float:
         return float(self.memory.norm())
@@ -165,6 +166,11 @@ class FastMemory(nn.Module):
         self.momentum = nn.Parameter(torch.full((n,), 0.5))  # β, squashed by sigmoid at use
         self.gate = nn.Parameter(torch.zeros(n))  # tanh(0) = 0: the read starts closed
         self.lr_scale = 1.0  # 0 freezes the level: recovers the backbone exactly
+        # How much stronger the read gets once all the level holds has left the attention window
+        # (linear in the share that has left). While the text is still in view the memory only
+        # repeats it, and a strong read there garbles chat; once it is gone the memory is the
+        # only path to it, which is what the outer loop trained the read for.
+        self.evicted_read_boost = 1.0
 
     def compat_key(self) -> str:
         """What trained parameters depend on (not guard bounds): saved with them, checked on load."""
@@ -233,10 +239,19 @@ class FastLevelRunner:
     Tokens of the open chunk wait in `open_chunk` (per layer, as projected feature rows).
     """
 
-    def __init__(self, params: FastMemory, state: AssociativeState, read_only: int = 0):
+    def __init__(self, params: FastMemory, state: AssociativeState, read_only: int = 0,
+                 in_context: int | None = None):
         """`read_only`: the first tokens this runner sees are read, not written (a chat prompt's
-        history, which the turns before already wrote)."""
+        history, which the turns before already wrote). `in_context`: how many of the tokens the
+        level took in before are in this pass's attention context (None: all of them); the rest
+        have left the window, and the read is boosted by their share (`evicted_read_boost`)."""
         self.params = params
+        # History in view counts as taken in even where a template token (an end of turn) never
+        # went through the level, so a chat that drops nothing has nothing evicted.
+        in_view = int(state.taken) if in_context is None else max(in_context, 0)
+        self.taken_before = max(int(state.taken), in_view)
+        evicted = 1 - in_view / self.taken_before if self.taken_before else 0.0
+        self.read_boost = 1.0 + (params.evicted_read_boost - 1.0) * evicted
         self.c, self.r = params.spec.period_tokens, params.spec.rank
         self.memory = list(state.memory.unbind(0))
         self.momentum = list(state.momentum.unbind(0))
@@ -246,6 +261,7 @@ class FastLevelRunner:
                        state.pending_eta[i, :n, None], state.pending_alpha[i, :n, None]], 1)
             for i in range(len(self.memory))]
         self.read_only = [read_only] * len(self.memory)
+        self.taken = [0] * len(self.memory)  # tokens taken in by this runner, per layer slot
         self._surprise: list[Tensor] = []  # per written chunk; read as floats once (no sync per chunk)
 
     @property
@@ -255,12 +271,13 @@ class FastLevelRunner:
 
     def step(self, i: int, x: Tensor) -> Tensor:
         """x (T, D) consecutive tokens of this sequence at layer slot i -> read (T, D)."""
-        return self.params.read(i, self.absorb(i, self.params.project(i, x))).to(x.dtype)
+        return self.params.read(i, self.absorb(i, self.params.project(i, x)) * self.read_boost).to(x.dtype)
 
     def absorb(self, i: int, feats: Tensor) -> Tensor:
         """Projected tokens (T, 3R + 2) -> their memory reads (T, R); writes each chunk as it fills."""
         t0 = min(self.read_only[i], feats.shape[0])
         self.read_only[i] -= t0
+        self.taken[i] += feats.shape[0] - t0
         if t0 == feats.shape[0] or self.open_chunk[i].shape[0] + feats.shape[0] - t0 < self.c:
             # Nothing fills a chunk (a decode step, mostly): read, and let the new tokens wait.
             self.open_chunk[i] = torch.cat([self.open_chunk[i], feats[t0:]])
@@ -291,14 +308,17 @@ class FastLevelRunner:
             torch.stack([run.momentum[i] for run in runners]), torch.stack([run.open_chunk[i] for run in runners]))
         for j, run in enumerate(runners):
             run._keep(i, memory[j], momentum[j], open_chunk[j], [s[j] for s in surprise])
-        return params.read(i, reads).to(x.dtype)
+            run.taken[i] += t
+        boost = torch.tensor([run.read_boost for run in runners], device=reads.device)
+        return params.read(i, reads * boost[:, None, None]).to(x.dtype)
 
     def state(self) -> AssociativeState:
         r, c = self.r, self.c
         padded = torch.stack([F.pad(f.detach(), (0, 0, 0, c - f.shape[0])) for f in self.open_chunk])  # (L, C, 3R+2)
         return AssociativeState(torch.stack(self.memory), torch.stack(self.momentum), padded[:, :, r:2 * r],
                                 padded[:, :, 2 * r:3 * r], padded[:, :, 3 * r], padded[:, :, 3 * r + 1],
-                                torch.tensor(self.open_chunk[0].shape[0], dtype=torch.int64))
+                                torch.tensor(self.open_chunk[0].shape[0], dtype=torch.int64),
+                                torch.tensor(self.taken_before + self.taken[0], dtype=torch.int64))
 
 
 # -- hooks: the levels of several sequences inside one forward pass ---------------------------
@@ -345,7 +365,7 @@ class BatchLevels:
             if params is None:
                 return x
             feats = params.project(slot, x[:, 0])  # (B, 3R + 2)
-            reads = torch.cat([r.absorb(slot, feats[b:b + 1]) if isinstance(r, FastLevelRunner)
+            reads = torch.cat([r.absorb(slot, feats[b:b + 1]) * r.read_boost if isinstance(r, FastLevelRunner)
                                else x.new_zeros(1, params.spec.rank, dtype=torch.float32)
                                for b, r in enumerate(self.fast)])
             return x + params.read(slot, reads).to(x.dtype)[:, None]

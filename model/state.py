@@ -71,6 +71,9 @@ class MemoryState:
                 fields.update(m_a=torch.zeros_like(fields["a"]), v_a=torch.zeros_like(fields["a"]),
                               m_b=torch.zeros_like(fields["b"]), v_b=torch.zeros_like(fields["b"]),
                               step=torch.zeros((), dtype=torch.int64))
+            if spec.rule == "associative" and "taken" not in fields:
+                # Written before the fast level counted its tokens: nothing counts as out of view.
+                fields["taken"] = torch.zeros((), dtype=torch.int64)
             try:
                 levels[name] = state_from_tensors(spec.rule, fields)
             except KeyError as err:

@@ -86,7 +86,8 @@ def levels_loss(model: Transformer, spec: LevelSpec, lora: list[LoraState], fast
     level applied, and the fast level's state after writing them. One cache-free pass: attention
     sees only `ids`, so what came before reaches it through the levels alone."""
     x = torch.tensor([ids])
-    runner = FastLevelRunner(fast, fast_state) if fast is not None and fast_state is not None else None
+    runner = (FastLevelRunner(fast, fast_state, in_context=0)  # what the level holds is out of view
+              if fast is not None and fast_state is not None else None)
     lora_layers, a, b, scale = stack_lora([lora], [spec] * len(lora)) if lora else ({}, None, None, 1.0)
     fast_layers = {layer: i for i, layer in enumerate(fast.spec.layers)} if runner is not None else {}
     hooks = BatchLevels(lora_layers, a, b, fast_layers, [runner] if runner is not None else None, None, scale)

@@ -52,9 +52,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("fast_memory.safetensors"))
     parser.add_argument("--install", action="store_true", help="write into the package's presets")
     parser.add_argument("--read-scale", type=float, default=1.0,
-                        help="scale the trained read gates before saving (chat re-prefills its history each "
-                             "turn, so it is written again; the default preset ships at 0.25)")
+                        help="scale the trained read gates before saving: the read while what the memory holds "
+                             "is still in the attention window, where a strong read garbles chat (the default "
+                             "preset ships at 0.25)")
+    parser.add_argument("--evicted-read-scale", type=float,
+                        help="the read's scale once all the memory holds has left the attention window "
+                             "(in between: linear in the share that has left); default: --read-scale")
     args = parser.parse_args(argv)
+    if args.evicted_read_scale is None:
+        args.evicted_read_scale = args.read_scale
+    if args.read_scale < 0 or args.evicted_read_scale < 0:
+        parser.error("--read-scale and --evicted-read-scale cannot be negative")
 
     import torch
     from safetensors.torch import save_file
@@ -132,7 +140,8 @@ def main(argv: list[str]) -> int:
     fast.scale_read(args.read_scale)
     tensors = {k: v.detach().cpu().contiguous() for k, v in fast.state_dict().items()}
     save_file(tensors, str(out), metadata={"model": nsam.model.config.fingerprint(), "spec": fast.compat_key(),
-                                                "read_scale": str(args.read_scale)})
+                                                "read_scale": str(args.read_scale),
+                                                "evicted_read_scale": str(args.evicted_read_scale)})
     print(json.dumps({"backbone": backbone, "before": before, "after": after, "steps": args.steps,
                       "seconds": time.perf_counter() - started, "out": str(out)}), flush=True)
     return 0

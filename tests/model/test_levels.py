@@ -109,6 +109,22 @@ def test_foreign_or_corrupt_state_is_refused(tiny):
         tiny.check_state(b"\x00" * 40, "user")
 
 
+def test_a_session_written_before_the_fast_level_counted_its_tokens_is_still_read(tiny):
+    import json
+
+    from safetensors.torch import load, save
+
+    from nsam.model.state import _digest, _metadata
+
+    data = tiny.new_session_state(None)
+    tensors = load(data)
+    del tensors["fast/taken"]
+    meta = {**_metadata(data), "sha256": _digest(tensors)}
+    older = save(tensors, metadata={"nsam": json.dumps(meta, sort_keys=True)})
+    state = MemoryState.from_bytes(older, tiny.fingerprint, tiny.levels, "session")
+    assert int(state.levels["fast"].taken) == 0
+
+
 def test_a_user_state_keeps_its_facts_under_the_digest(tiny):
     from nsam.model.facts import extract_facts
 
@@ -248,6 +264,63 @@ def test_history_already_written_is_read_not_written_again(tiny):
     torch.testing.assert_close(skipping.state().memory, fresh_only.state().memory, atol=1e-6, rtol=0)
     assert int(skipping.state().pending) == 40 % fast.spec.period_tokens
     assert torch.equal(reads[:30], torch.zeros_like(reads[:30]))  # the memory was empty while reading
+
+
+def test_the_read_grows_with_the_share_of_what_has_left_the_window(tiny):
+    """While the text the memory holds is in view, the read stays at its chat strength; the
+    share of it that has left the attention window boosts the read, up to `evicted_read_boost`."""
+    from nsam.model.levels import AssociativeState
+
+    fast = _open_fast(tiny)
+    fast.evicted_read_boost = 3.0
+    x = torch.randn(64, tiny.model.config.dim, generator=torch.Generator().manual_seed(4))
+    writer = FastLevelRunner(fast, AssociativeState.zeros(fast.spec))
+    with torch.no_grad():
+        writer.step(0, x[:48])
+    held = writer.state()
+    assert int(held.taken) == 48 and writer.read_boost == 1.0  # an empty level has nothing to boost
+    reads = {}
+    for in_view in (None, 48, 24, 0):
+        runner = FastLevelRunner(fast, held, in_context=in_view)
+        with torch.no_grad():
+            reads[in_view] = runner.step(0, x[48:])
+        assert int(runner.state().taken) == 64
+    assert torch.equal(reads[None], reads[48])  # all in view: the chat strength
+    torch.testing.assert_close(reads[24], 2 * reads[48])  # half has left: halfway to the boost
+    torch.testing.assert_close(reads[0], 3 * reads[48])  # all of it has left: the full boost
+    assert reads[48].abs().sum() > 0
+    # A history longer than what was taken in (template tokens never fed) leaves nothing evicted.
+    longer = FastLevelRunner(fast, held, in_context=50)
+    assert longer.read_boost == 1.0 and longer.taken_before == 50
+
+
+def test_a_chat_that_drops_old_turns_reads_the_memory_harder(tiny):
+    """Through the generator: a turn whose prompt still holds the whole history reads at the chat
+    strength; once old turns are dropped from the prompt, the same memory is read harder."""
+    from nsam.model.generation import Generator
+
+    fast = _open_fast(tiny)
+    gen = Generator(tiny.model, tiny.tokenizer, tiny.levels, fast, 1, 512)
+    state = MemoryState.from_bytes(tiny.new_session_state(None), tiny.fingerprint, tiny.levels, "session")
+    first = [{"role": "user", "content": "My locker code is 4417 and my dog is called Rex."}]
+    ids, fresh = tiny.encode_turn(first, 400)
+    gen.add("t1", ids, state.levels, SamplingParams(max_tokens=8, seed=0), fresh)
+    while gen.has_work():
+        gen.step()
+    out, runner = gen.pop_finished("t1")
+    levels = {**state.levels, "fast": runner.state()}
+    chat = first + [{"role": "assistant", "content": tiny.tokenizer.decode(out)}, {"role": "user", "content": "Hi"}]
+    boosts = {}
+    for budget in (400, 30):  # the whole history fits / only the last message fits
+        fast.evicted_read_boost = 3.0
+        ids, fresh = tiny.encode_turn(chat, budget)
+        gen.add(f"b{budget}", ids, levels, SamplingParams(max_tokens=1, seed=0), fresh)
+        boosts[budget] = gen.waiting[-1].fast.read_boost
+        gen.cancel(f"b{budget}")
+        gen.step()
+        gen.pop_finished(f"b{budget}")
+    assert boosts[400] == 1.0
+    assert boosts[30] == 3.0  # the new message is all that is in view: everything held has left
 
 
 def test_a_turn_knows_which_prompt_tokens_are_new(tiny):

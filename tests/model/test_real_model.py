@@ -69,6 +69,13 @@ def test_default_model_knows_the_capital_of_france(real_model):
     assert "Paris" in _answer(real_model, QUESTION)
 
 
+def test_the_shipped_fast_level_reads_text_out_of_the_window_harder(real_model):
+    """The preset's read strengths: a quarter of the trained one while the text is in view, 0.625
+    once it has all left the attention window (benchmarks/README.md, stop 11)."""
+    assert real_model.fast_trained
+    assert real_model.fast_params.evicted_read_boost == pytest.approx(2.5)
+
+
 def test_seeded_sampling_reproduces_and_batching_does_not_change_greedy(real_model):
     a = _answer(real_model, QUESTION, temperature=0.8, top_p=0.9, seed=7)
     b = _answer(real_model, QUESTION, temperature=0.8, top_p=0.9, seed=7)

@@ -15,8 +15,12 @@ def _gate(path) -> torch.Tensor:
 def test_init_resumes_a_saved_level_at_the_strength_it_was_trained_at(tmp_path):
     common = ["--model", "tiny", "--eval-episodes", "2", "--batch", "2"]
     trained, resumed, closed = tmp_path / "trained.safetensors", tmp_path / "resumed.safetensors", tmp_path / "z.safetensors"
-    assert main(common + ["--steps", "2", "--read-scale", "0.5", "--out", str(trained)]) == 0
+    assert main(common + ["--steps", "2", "--read-scale", "0.5", "--evicted-read-scale", "0.75",
+                          "--out", str(trained)]) == 0
     assert _gate(trained).abs().sum() > 0  # two steps opened the read gates
+    with safe_open(str(trained), "pt") as f:  # both read strengths travel with the level
+        assert {k: f.metadata()[k] for k in ("read_scale", "evicted_read_scale")} == \
+            {"read_scale": "0.5", "evicted_read_scale": "0.75"}
     # No steps: the level comes back at full strength (twice the saved read) and is saved as is.
     assert main(common + ["--steps", "0", "--init", str(trained), "--out", str(resumed)]) == 0
     torch.testing.assert_close(_gate(resumed), 2 * _gate(trained))
