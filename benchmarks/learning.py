@@ -464,7 +464,7 @@ def main() -> None:
 
     # 2) in-session recall: facts out of the window, same session state.
     values = {e.user: [f.value for f in e.facts] for e in episodes}
-    reqs, expected, meta = [], {}, {}
+    reqs, untaught_reqs, expected, meta = [], [], {}, {}
     for e in episodes:
         for f in e.facts:
             for j, q in enumerate(f.questions):
@@ -477,16 +477,14 @@ def main() -> None:
         for j, q in enumerate(e.untaught):  # never taught: must not get one of the user's values
             ids, fresh = window_prompt(m, history[e.user] + [{"role": "user", "content": q}], args.window,
                                        values[e.user])
-            reqs.append((f"{e.user}|inU|{j}", ids, states[e.user], fresh))
+            untaught_reqs.append((f"{e.user}|inU|{j}", ids, states[e.user], fresh))
     t0 = time.perf_counter()
     fresh_session = m.new_session_state(None)
-    ans_in = {k: v[0] for k, v in chat.run(reqs).items()}
+    ans_in = {k: v[0] for k, v in chat.run(reqs + untaught_reqs).items()}
     ans_in_frozen = {k.replace("|in|", "|inF|"): v[0] for k, v in
-                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, *_ in reqs
-                               if "|in|" in r]).items()}
-    in_untaught = [k for k in ans_in if "|inU|" in k]
+                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, *_ in reqs]).items()}
+    in_untaught = [r[0] for r in untaught_reqs]
     in_session_binding = false_bound(ans_in, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
-    ans_in = {k: v for k, v in ans_in.items() if k in expected}
     in_session_recall = score(ans_in, expected)
     in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
     details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)

@@ -261,7 +261,7 @@ class FastLevelRunner:
                        state.pending_eta[i, :n, None], state.pending_alpha[i, :n, None]], 1)
             for i in range(len(self.memory))]
         self.read_only = [read_only] * len(self.memory)
-        self.taken = [0] * len(self.memory)  # tokens taken in by this runner, per layer slot
+        self.taken = 0  # tokens taken in by this runner (every layer slot sees the same ones)
         self._surprise: list[Tensor] = []  # per written chunk; read as floats once (no sync per chunk)
 
     @property
@@ -277,7 +277,7 @@ class FastLevelRunner:
         """Projected tokens (T, 3R + 2) -> their memory reads (T, R); writes each chunk as it fills."""
         t0 = min(self.read_only[i], feats.shape[0])
         self.read_only[i] -= t0
-        self.taken[i] += feats.shape[0] - t0
+        self.taken += (feats.shape[0] - t0) * (i == 0)
         if t0 == feats.shape[0] or self.open_chunk[i].shape[0] + feats.shape[0] - t0 < self.c:
             # Nothing fills a chunk (a decode step, mostly): read, and let the new tokens wait.
             self.open_chunk[i] = torch.cat([self.open_chunk[i], feats[t0:]])
@@ -308,7 +308,7 @@ class FastLevelRunner:
             torch.stack([run.momentum[i] for run in runners]), torch.stack([run.open_chunk[i] for run in runners]))
         for j, run in enumerate(runners):
             run._keep(i, memory[j], momentum[j], open_chunk[j], [s[j] for s in surprise])
-            run.taken[i] += t
+            run.taken += t * (i == 0)
         boost = torch.tensor([run.read_boost for run in runners], device=reads.device)
         return params.read(i, reads * boost[:, None, None]).to(x.dtype)
 
@@ -318,7 +318,7 @@ class FastLevelRunner:
         return AssociativeState(torch.stack(self.memory), torch.stack(self.momentum), padded[:, :, r:2 * r],
                                 padded[:, :, 2 * r:3 * r], padded[:, :, 3 * r], padded[:, :, 3 * r + 1],
                                 torch.tensor(self.open_chunk[0].shape[0], dtype=torch.int64),
-                                torch.tensor(self.taken_before + self.taken[0], dtype=torch.int64))
+                                torch.tensor(self.taken_before + self.taken, dtype=torch.int64))
 
 
 # -- hooks: the levels of several sequences inside one forward pass ---------------------------
