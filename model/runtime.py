@@ -52,11 +52,13 @@ def _load_trained_fast(fast: FastMemory, model_fingerprint: str) -> bool:
         if meta.get("model") != model_fingerprint or meta.get("spec") != fast.compat_key():
             return False
         fast.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-    # Installed with its read gates scaled down for chat (`--read-scale`); text that has left the
-    # attention window is read at `--evicted-read-scale` of the trained strength.
+    # Installed with its read gates scaled down for chat replies (`--read-scale`); a prompt's text
+    # in view is read at `--prompt-read-scale` of the trained strength, and text that has left the
+    # attention window at `--evicted-read-scale`.
     read_scale = float(meta.get("read_scale", 1.0))
     if read_scale > 0:  # a level saved with its reads off stays off
         fast.evicted_read_boost = float(meta.get("evicted_read_scale", read_scale)) / read_scale
+        fast.prompt_read_boost = float(meta.get("prompt_read_scale", read_scale)) / read_scale
     return True
 
 

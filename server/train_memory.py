@@ -58,11 +58,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--evicted-read-scale", type=float,
                         help="the read's scale once all the memory holds has left the attention window "
                              "(in between: linear in the share that has left); default: --read-scale")
+    parser.add_argument("--prompt-read-scale", type=float,
+                        help="the read's scale for a prompt's text still in view (a reply's tokens read at "
+                             "--read-scale); default: --read-scale")
     args = parser.parse_args(argv)
-    if args.evicted_read_scale is None:
-        args.evicted_read_scale = args.read_scale
-    if args.read_scale < 0 or args.evicted_read_scale < 0:
-        parser.error("--read-scale and --evicted-read-scale cannot be negative")
+    for name in ("evicted_read_scale", "prompt_read_scale"):
+        if getattr(args, name) is None:
+            setattr(args, name, args.read_scale)
+    if min(args.read_scale, args.evicted_read_scale, args.prompt_read_scale) < 0:
+        parser.error("--read-scale, --evicted-read-scale and --prompt-read-scale cannot be negative")
 
     import torch
     from safetensors.torch import save_file
@@ -141,7 +145,8 @@ def main(argv: list[str]) -> int:
     tensors = {k: v.detach().cpu().contiguous() for k, v in fast.state_dict().items()}
     save_file(tensors, str(out), metadata={"model": nsam.model.config.fingerprint(), "spec": fast.compat_key(),
                                                 "read_scale": str(args.read_scale),
-                                                "evicted_read_scale": str(args.evicted_read_scale)})
+                                                "evicted_read_scale": str(args.evicted_read_scale),
+                                                "prompt_read_scale": str(args.prompt_read_scale)})
     print(json.dumps({"backbone": backbone, "before": before, "after": after, "steps": args.steps,
                       "seconds": time.perf_counter() - started, "out": str(out)}), flush=True)
     return 0
