@@ -248,7 +248,8 @@ class FastLevelRunner:
         """`read_only`: the first tokens this runner sees are read, not written (a chat prompt's
         history, which the turns before already wrote). `in_context`: how many of the tokens the
         level took in before are in this pass's attention context (None: all of them); the rest
-        have left the window, and the read is boosted by their share (`evicted_read_boost`)."""
+        have left the window, and the read is boosted by their share (`evicted_read_boost`). A
+        prompt reads what is in view at `prompt_read_boost`, a reply's tokens (decode) at 1."""
         self.params = params
         # History in view counts as taken in even where a template token (an end of turn) never
         # went through the level, so a chat that drops nothing has nothing evicted.

@@ -52,9 +52,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("fast_memory.safetensors"))
     parser.add_argument("--install", action="store_true", help="write into the package's presets")
     parser.add_argument("--read-scale", type=float, default=1.0,
-                        help="scale the trained read gates before saving: the read while what the memory holds "
-                             "is still in the attention window, where a strong read garbles chat (the default "
-                             "preset ships at 0.25)")
+                        help="scale the trained read gates before saving: a reply's read while what the memory "
+                             "holds is still in the attention window, where a strong read garbles chat (the "
+                             "default preset ships at 0.25)")
     parser.add_argument("--evicted-read-scale", type=float,
                         help="the read's scale once all the memory holds has left the attention window "
                              "(in between: linear in the share that has left); default: --read-scale")
