@@ -15,7 +15,8 @@ the prompt; the user's 3 most similar past messages retrieved into the prompt, m
 - cross_session_recall: facts taught in session 1, asked in a fresh session 2 started from the
   consolidated user level, none of them in context; greedy; substring match of the value.
 - in_session_recall: same session (state carried, medium updates on) after the attention
-  window (`--window` tokens) has moved past the facts.
+  window (`--window` tokens) has moved past the facts. Both recalls are also given per fact
+  attribute in the details (`*_recall_by_attribute`: which kinds of value the levels keep).
 - false_binding: questions about things never taught answered with one of the user's values.
 - other_user_changes: greedy outputs of another user (fresh state) that change when this
   user's learned state is in the same batch (compared with the same batch without it).
@@ -24,7 +25,8 @@ the prompt; the user's 3 most similar past messages retrieved into the prompt, m
   same user's retention: every attribute asked in a fresh session after 5, 10 and 20 sessions,
   scored against the value taught last.
 - online_ppl_reduction: dynamic evaluation on long documents (loss on chunk i+1 after the
-  medium level updated on chunks ≤ i) vs the frozen model, as a fraction lower.
+  fast level wrote and the medium level updated on chunks ≤ i) vs the frozen model, as a
+  fraction lower.
 - update_seconds_per_100_tokens, session_state_bytes, user_state_bytes.
 - learning_decode_ratio: decode tokens/s with learning on ÷ off, same prompts and states.
 """
@@ -390,6 +392,15 @@ def score(answers: dict, expected: dict) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
+def recall_by_attribute(answers: dict, expected: dict) -> dict[str, float]:
+    """Recall per fact attribute (keys are "user|phase|attribute|question"): which kinds of
+    value (names, places, numbers, codes) a level keeps."""
+    hits: dict[str, list[bool]] = {}
+    for k, v in expected.items():
+        hits.setdefault(k.split("|")[2], []).append(matches(answers[k], v))
+    return {a: sum(h) / len(h) for a, h in sorted(hits.items())}
+
+
 def false_bound(answers: dict, keys: list, values: dict) -> float:
     bad = [any(matches(answers[k], v) for v in values[k]) for k in keys]
     return sum(bad) / max(len(bad), 1)
@@ -489,6 +500,10 @@ def main() -> None:
     in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
     details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)
     details["in_session_false_binding"] = in_session_binding
+    shown = {e.user for e in episodes[:3]}
+    details["in_session_recall_by_attribute"] = recall_by_attribute(ans_in, expected)
+    details["in_session_examples"] = {k: {"expected": expected.get(k), "answer": ans_in[k]}
+                                      for k in [r[0] for r in reqs + untaught_reqs] if k.split("|")[0] in shown}
     log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}), "
         f"untaught questions answered with a taught value {in_session_binding:.0%} [{time.perf_counter() - t0:.0f}s]")
 
@@ -539,6 +554,7 @@ def main() -> None:
     cross = score(ans_learned, cross_expected)
     fb = false_bound(ans_learned, untaught_keys, taught_values)
     changed = sum(ans_learned[k + "|bystander"] != ans_frozen[k + "|bystander"] for _, k, _ in questions)
+    details["cross_session_recall_by_attribute"] = recall_by_attribute(ans_learned, cross_expected)
     log(f"cross-session recall {cross:.0%}, false binding {fb:.0%}, other-user changes {changed} "
         f"[{time.perf_counter() - t0:.0f}s]")
 
