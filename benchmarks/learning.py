@@ -51,7 +51,7 @@ from episodes import FILLER, make_episodes, make_long_user, matches  # noqa: E40
 
 from nsam.model.consolidation import probe_loss  # noqa: E402
 from nsam.model.runtime import NsamModel, SamplingParams  # noqa: E402
-from nsam.model.updates import TrainingExample, levels_loss, update_on_examples  # noqa: E402
+from nsam.model.updates import levels_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_GENERAL = REPO.parent / "shared" / "data" / "general_english.txt"
@@ -160,11 +160,11 @@ def mean_loss(m: NsamModel, ids: list[int], user_level=None, chunk: int = 1024) 
 
 
 def online_ppl(m: NsamModel, docs: list[Path], doc_tokens: int, chunk: int, offset: int) -> dict:
-    """Dynamic evaluation: per document, the loss on each chunk with the levels as the chunks
-    before it left them (the fast level wrote them, the medium level learnt from them), vs the
-    frozen model on the same chunks. Attention sees one chunk at a time in both."""
+    """Dynamic evaluation: per document, the loss on each chunk as a session reads it
+    (`NsamModel.read_document_chunk`, what the service's ReadDocument does: the levels as the
+    chunks before left them, then the fast level's writes and the medium level's update), vs
+    the frozen model on the same chunks. Attention sees one chunk at a time in both."""
     spec = m.levels.get("medium")
-    fast = m.fast_params
     frozen_total = online_total = 0.0
     n = 0
     per_doc = {}
@@ -172,8 +172,7 @@ def online_ppl(m: NsamModel, docs: list[Path], doc_tokens: int, chunk: int, offs
     for path in docs:
         ids = m.tokenizer.encode(path.read_text(encoding="utf-8"))
         ids = ids[offset:offset + doc_tokens] if len(ids) > offset + doc_tokens else ids[:doc_tokens]
-        medium = m._new_level("medium")
-        fast_state = m._new_level("fast") if fast is not None else None
+        state = m.new_session_state(None)
         f_sum = o_sum = 0.0
         k = 0
         for i in range(0, len(ids) - 1, chunk):
@@ -181,13 +180,11 @@ def online_ppl(m: NsamModel, docs: list[Path], doc_tokens: int, chunk: int, offs
             if len(piece) < 16:
                 break
             f, _ = levels_loss(m.model, spec, [], None, None, piece)
-            o, fast_state = levels_loss(m.model, spec, [medium], fast, fast_state, piece)
-            f_sum += f * (len(piece) - 1)
-            o_sum += o * (len(piece) - 1)
-            k += len(piece) - 1
-            t0 = time.perf_counter()
-            medium, _ = update_on_examples(m.model, spec, medium, [], [TrainingExample(piece, [1.0] * (len(piece) - 1))])
-            update_seconds += time.perf_counter() - t0
+            state, read = m.read_document_chunk(state, piece)
+            f_sum += f * read.tokens
+            o_sum += read.loss * read.tokens
+            k += read.tokens
+            update_seconds += sum(r.seconds for r in read.reports if r.level == "medium")
         per_doc[path.name] = {"frozen_ppl": math.exp(f_sum / k), "online_ppl": math.exp(o_sum / k), "tokens": k}
         log(f"  {path.name}: frozen ppl {math.exp(f_sum / k):.2f}, online {math.exp(o_sum / k):.2f}")
         frozen_total += f_sum

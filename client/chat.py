@@ -21,6 +21,7 @@ from nsam.client.types import NsamError, Sampling, Token, TurnResult
 HELP = """commands:
   /memory          your memory levels, the kept versions of the user level and what it was taught
   /forget          delete everything the service keeps about you (asks first)
+  /read FILE       read a text file into this session's memory (no reply; not in the transcript)
   /export FILE     save your user level (safetensors) to FILE
   /rollback N      make kept version N of your user level current again
   /consolidate     fold your sessions into your user level now (admin / open mode)
@@ -109,6 +110,19 @@ class ChatLoop:
                 n = self.client.forget(self.user)
                 self.print(f"forgot {self.user} ({n} keys deleted); starting a new session")
                 self.session = self.client.create_session(self.user, self.system_prompt)
+        elif name == "/read":
+            if not arg:
+                self.print("usage: /read FILE   (a UTF-8 text file)")
+            else:
+                try:
+                    text = Path(arg).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    self.print(f"cannot read {arg}: {exc}")
+                    return True
+                r = self.client.read_document(self.session.session_id, text)
+                self.print(f"  [read {r.tokens} tokens in {r.chunks} chunks, perplexity {r.perplexity:.2f} "
+                           f"as read, session v{r.session_version}"
+                           f"{f', {r.rejected_updates} updates rejected' if r.rejected_updates else ''}]")
         elif name == "/export":
             if not arg:
                 self.print("usage: /export FILE")

@@ -19,7 +19,7 @@ import grpc
 
 from nsam.protos import nsam_pb2 as pb
 from nsam.protos import nsam_pb2_grpc as pb_grpc
-from nsam.client.types import (ConsolidationResult, ExportedMemory, MemoryHealth, MemoryInfo,
+from nsam.client.types import (ConsolidationResult, DocumentRead, ExportedMemory, MemoryHealth, MemoryInfo,
                                MemoryVersion, NsamError, Sampling, Session, Token, TurnResult,
                                chat_event)
 
@@ -138,6 +138,12 @@ class AsyncClient:
                 result = item
         return result
 
+    @_rpc_errors
+    async def read_document(self, session_id: str, text: str) -> DocumentRead:
+        """Reads a long text into the session's memory (no reply; not in the transcript)."""
+        req = pb.ReadDocumentRequest(session_id=session_id, text=text)
+        return DocumentRead.from_pb(await self._chat.ReadDocument(req, metadata=self._md))
+
     # ---- memory
 
     @_rpc_errors
@@ -236,6 +242,11 @@ class Client:
             if isinstance(item, TurnResult):
                 result = item
         return result
+
+    @_sync_rpc_errors
+    def read_document(self, session_id: str, text: str) -> DocumentRead:
+        req = pb.ReadDocumentRequest(session_id=session_id, text=text)
+        return DocumentRead.from_pb(self._chat.ReadDocument(req, metadata=self._md))
 
     @_sync_rpc_errors
     def memory(self, user: str = "") -> MemoryInfo:

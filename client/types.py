@@ -102,6 +102,21 @@ class TurnResult:
                    d.usage.completion_tokens, d.session_version, d.user_memory_version, d.learned)
 
 
+@dataclass(frozen=True)
+class DocumentRead:
+    """A document read into a session's memory, after the server committed it."""
+
+    session_version: int
+    tokens: int
+    chunks: int
+    perplexity: float  # of the text as read, each chunk with the memory the chunks before left
+    rejected_updates: int
+
+    @classmethod
+    def from_pb(cls, r: pb.ReadDocumentResponse) -> "DocumentRead":
+        return cls(r.session_version, r.tokens, r.chunks, r.perplexity, r.rejected_updates)
+
+
 def chat_event(ev: pb.ChatEvent) -> Token | TurnResult:
     if ev.HasField("done"):
         return TurnResult.from_pb(ev.done)

@@ -171,10 +171,10 @@ class FastMemory(nn.Module):
         # repeats it, and a strong read there garbles chat; once it is gone the memory is the
         # only path to it, which is what the outer loop trained the read for.
         self.evicted_read_boost = 1.0
-        # How much stronger the level reads text in view while it reads a prompt than while it
-        # writes a reply: a strong read sharpens the model's reading of a long text, but in a
-        # reply it makes the model echo what the prompt already holds.
-        self.prompt_read_boost = 1.0
+        # How much stronger the level reads text still in view while it reads a document (a
+        # cache-free pass over a long text, chunk by chunk) than in chat: a strong read sharpens
+        # the reading of prose, but in chat it makes replies echo what the prompt holds.
+        self.document_read_boost = 1.0
 
     def compat_key(self) -> str:
         """What trained parameters depend on (not guard bounds): saved with them, checked on load."""
@@ -244,20 +244,20 @@ class FastLevelRunner:
     """
 
     def __init__(self, params: FastMemory, state: AssociativeState, read_only: int = 0,
-                 in_context: int | None = None):
+                 in_context: int | None = None, document: bool = False):
         """`read_only`: the first tokens this runner sees are read, not written (a chat prompt's
         history, which the turns before already wrote). `in_context`: how many of the tokens the
         level took in before are in this pass's attention context (None: all of them); the rest
-        have left the window, and the read is boosted by their share (`evicted_read_boost`). A
-        prompt reads what is in view at `prompt_read_boost`, a reply's tokens (decode) at 1."""
+        have left the window, and the read is boosted by their share (`evicted_read_boost`).
+        `document`: the tokens are a document's, read with what is in view at `document_read_boost`."""
         self.params = params
         # History in view counts as taken in even where a template token (an end of turn) never
         # went through the level, so a chat that drops nothing has nothing evicted.
         in_view = int(state.taken) if in_context is None else max(in_context, 0)
         self.taken_before = max(int(state.taken), in_view)
         evicted = 1 - in_view / self.taken_before if self.taken_before else 0.0
-        self.read_boost = params.prompt_read_boost + (params.evicted_read_boost - params.prompt_read_boost) * evicted
-        self.decode_read_boost = 1.0 + (params.evicted_read_boost - 1.0) * evicted
+        in_view_boost = params.document_read_boost if document else 1.0
+        self.read_boost = in_view_boost + (params.evicted_read_boost - in_view_boost) * evicted
         self.c, self.r = params.spec.period_tokens, params.spec.rank
         self.memory = list(state.memory.unbind(0))
         self.momentum = list(state.momentum.unbind(0))
@@ -371,7 +371,7 @@ class BatchLevels:
             if params is None:
                 return x
             feats = params.project(slot, x[:, 0])  # (B, 3R + 2)
-            reads = torch.cat([r.absorb(slot, feats[b:b + 1]) * r.decode_read_boost if isinstance(r, FastLevelRunner)
+            reads = torch.cat([r.absorb(slot, feats[b:b + 1]) * r.read_boost if isinstance(r, FastLevelRunner)
                                else x.new_zeros(1, params.spec.rank, dtype=torch.float32)
                                for b, r in enumerate(self.fast)])
             return x + params.read(slot, reads).to(x.dtype)[:, None]

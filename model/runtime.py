@@ -11,7 +11,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,17 +22,44 @@ from .consolidation import ConsolidationConfig, ConsolidationReport, consolidate
 from .facts import Fact
 from .generation import Generator as _Generator
 from .generation import TokenEvent
-from .levels import FastMemory, LevelsConfig, default_levels, new_state
+from .levels import AssociativeState, FastLevelRunner, FastMemory, LevelSpec, LevelsConfig, default_levels, new_state
 from .loading import load
 from .sampling import SamplingParams
 from .state import MemoryState, StateError, user_snapshot
 from .tokenizer import ByteTokenizer
-from .updates import LevelReport
+from .updates import LevelReport, TrainingExample, levels_loss, update_on_examples
 
 __all__ = ["NsamModel", "Generator", "SamplingParams", "TokenEvent", "LevelReport",
-           "ConsolidationReport", "StateError"]
+           "ConsolidationReport", "StateError", "DocumentChunk", "DOCUMENT_CHUNK_TOKENS"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# A document is read in chunks of this many tokens, attention seeing one chunk at a time: the
+# chunk the online evaluation measures (benchmarks/README.md).
+DOCUMENT_CHUNK_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class DocumentChunk:
+    """One chunk of a document read into a session."""
+
+    tokens: int  # tokens predicted (the chunk's length − 1)
+    loss: float  # their mean next-token loss, with the levels as the chunks before left them
+    reports: list[LevelReport]
+
+
+def guard_fast(spec: LevelSpec, old: AssociativeState, runner: FastLevelRunner, started: float
+               ) -> tuple[AssociativeState, LevelReport]:
+    """Keep the fast level's writes unless they are non-finite or past the level's norm bound."""
+    new = runner.state()
+    finite = all(torch.isfinite(t).all() for t in (new.memory, new.momentum))
+    update = float((new.memory - old.memory).norm()) if finite else math.inf
+    ok = finite and update <= spec.max_update_norm
+    kept = new if ok else old
+    surprise = sum(runner.surprise) / len(runner.surprise) if runner.surprise else 0.0
+    return kept, LevelReport("fast", surprise, update, kept.weight_norm(), kept.weight_norm(), ok,
+                             "ok" if ok else ("non-finite" if not finite else "norm-bound"),
+                             time.perf_counter() - started)
 
 
 def _preset_text(name: str) -> str:
@@ -52,13 +79,13 @@ def _load_trained_fast(fast: FastMemory, model_fingerprint: str) -> bool:
         if meta.get("model") != model_fingerprint or meta.get("spec") != fast.compat_key():
             return False
         fast.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-    # Installed with its read gates scaled down for chat replies (`--read-scale`); a prompt's text
-    # in view is read at `--prompt-read-scale` of the trained strength, and text that has left the
+    # Installed with its read gates scaled down for chat (`--read-scale`); a document's text in
+    # view is read at `--document-read-scale` of the trained strength, and text that has left the
     # attention window at `--evicted-read-scale`.
     read_scale = float(meta.get("read_scale", 1.0))
     if read_scale > 0:  # a level saved with its reads off stays off
         fast.evicted_read_boost = float(meta.get("evicted_read_scale", read_scale)) / read_scale
-        fast.prompt_read_boost = float(meta.get("prompt_read_scale", read_scale)) / read_scale
+        fast.document_read_boost = float(meta.get("document_read_scale", read_scale)) / read_scale
     return True
 
 
@@ -168,10 +195,36 @@ class NsamModel:
         frozen = [state.levels["user"]] if "user" in state.levels else []
         new, report = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], frozen, messages,
                                  self.anchor_ids)
-        if report.accepted:
-            drift = float(torch.linalg.matrix_norm(new.b @ new.a).norm())  # parent = user level (separate delta)
-            report = LevelReport(**{**report.__dict__, "drift": drift})
-        return self._write(state.with_level("medium", new)), [report]
+        return self._write(state.with_level("medium", new)), [_with_drift(report, new)]
+
+    def document_chunks(self, text: str) -> list[list[int]]:
+        """A document's token ids in the chunks `read_document_chunk` takes."""
+        ids = self.tokenizer.encode(text)
+        return [ids[i:i + DOCUMENT_CHUNK_TOKENS] for i in range(0, len(ids), DOCUMENT_CHUNK_TOKENS)]
+
+    def read_document_chunk(self, session_state: bytes, ids: list[int]) -> tuple[bytes, DocumentChunk]:
+        """Reads one chunk of a document into the session: the chunk is scored with the levels as
+        the chunks before left them (attention sees this chunk only: the rest reaches it through
+        the levels), then the fast level keeps its writes and the medium level learns the chunk
+        as text. Each update is guarded; a rejected one leaves its level as it was."""
+        started = time.perf_counter()
+        state = self._read(session_state, "session")
+        spec = self.levels.get("medium")
+        fast_old = state.levels.get("fast")
+        lora = [state.levels[name] for name in ("user", "medium") if name in state.levels]
+        loss, runner = levels_loss(self.model, spec, lora, self.fast_params, fast_old, ids)
+        reports = []
+        if runner is not None:
+            kept, report = guard_fast(self.levels.get("fast"), fast_old, runner, started)
+            state = state.with_level("fast", kept)
+            reports.append(report)
+        if "medium" in state.levels and len(ids) > 1:
+            frozen = [state.levels["user"]] if "user" in state.levels else []
+            new, report = update_on_examples(self.model, spec, state.levels["medium"], frozen,
+                                             [TrainingExample(ids, [1.0] * (len(ids) - 1))])
+            state = state.with_level("medium", new)
+            reports.append(_with_drift(report, new))
+        return self._write(state), DocumentChunk(max(len(ids) - 1, 0), loss, reports)
 
     def consolidate(self, user_state: bytes, session_state: bytes, transcript: list[dict[str, str]],
                     should_stop: Callable[[], bool] | None = None) -> tuple[bytes, ConsolidationReport]:
@@ -214,21 +267,18 @@ class Generator:
     def pop_state(self, request_id: str) -> tuple[bytes, list[LevelReport]]:
         """After the request finished: the session state with the fast-level writes of the turn."""
         _, runner = self.inner.pop_finished(request_id)
-        fast = runner.state() if runner is not None else None
         state = self.states.pop(request_id)
         started = self.started.pop(request_id)
         reports = []
-        if fast is not None:
-            finite = all(torch.isfinite(t).all() for t in (fast.memory, fast.momentum))
-            old = state.levels["fast"]
-            update = float((fast.memory - old.memory).norm()) if finite else math.inf
-            spec = self.owner.levels.get("fast")
-            ok = finite and update <= spec.max_update_norm
-            if ok:
-                state = state.with_level("fast", fast)
-            kept = state.levels["fast"]
-            surprise = sum(runner.surprise) / len(runner.surprise) if runner.surprise else 0.0
-            reports.append(LevelReport("fast", surprise, update, kept.weight_norm(), kept.weight_norm(), ok,
-                                       "ok" if ok else ("non-finite" if not finite else "norm-bound"),
-                                       time.perf_counter() - started))
+        if runner is not None:
+            kept, report = guard_fast(self.owner.levels.get("fast"), state.levels["fast"], runner, started)
+            state = state.with_level("fast", kept)
+            reports.append(report)
         return self.owner._write(state), reports
+
+
+def _with_drift(report: LevelReport, medium) -> LevelReport:
+    """A medium report's drift: the norm of its delta (its parent, the user level, is a separate one)."""
+    if not report.accepted:
+        return report
+    return replace(report, drift=float(torch.linalg.matrix_norm(medium.b @ medium.a).norm()))

@@ -81,19 +81,20 @@ def lora_logits_at(model: Transformer, spec: LevelSpec, frozen: list[LoraState],
 
 
 def levels_loss(model: Transformer, spec: LevelSpec, lora: list[LoraState], fast: FastMemory | None,
-                fast_state: AssociativeState | None, ids: list[int]) -> tuple[float, AssociativeState | None]:
+                fast_state: AssociativeState | None, ids: list[int]) -> tuple[float, FastLevelRunner | None]:
     """Mean next-token loss of `ids` with LoRA levels (sharing `spec`'s layers) and the fast
-    level applied, and the fast level's state after writing them. One cache-free pass: attention
-    sees only `ids`, so what came before reaches it through the levels alone."""
+    level applied, and the fast level's runner after writing them (its `state()`, `surprise`). One cache-free pass over a
+    chunk of a document: attention sees only `ids`, so what came before reaches it through the
+    levels alone (what the fast level holds is out of view, and it reads as a document does)."""
     x = torch.tensor([ids])
-    runner = (FastLevelRunner(fast, fast_state, in_context=0)  # what the level holds is out of view
+    runner = (FastLevelRunner(fast, fast_state, in_context=0, document=True)
               if fast is not None and fast_state is not None else None)
     lora_layers, a, b, scale = stack_lora([lora], [spec] * len(lora)) if lora else ({}, None, None, 1.0)
     fast_layers = {layer: i for i, layer in enumerate(fast.spec.layers)} if runner is not None else {}
     hooks = BatchLevels(lora_layers, a, b, fast_layers, [runner] if runner is not None else None, None, scale)
     with torch.inference_mode():
         loss = float(token_losses(model(x, hooks), x[:, 1:]).mean())
-    return loss, runner.state() if runner is not None else None
+    return loss, runner
 
 
 def token_losses(logits: Tensor, targets: Tensor) -> Tensor:

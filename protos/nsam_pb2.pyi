@@ -82,6 +82,28 @@ class EndSessionResponse(_message.Message):
     consolidation_enqueued: bool
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., consolidation_enqueued: _Optional[bool] = ...) -> None: ...
 
+class ReadDocumentRequest(_message.Message):
+    __slots__ = ("session_id", "text")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class ReadDocumentResponse(_message.Message):
+    __slots__ = ("session_version", "tokens", "chunks", "perplexity", "rejected_updates")
+    SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    session_version: int
+    tokens: int
+    chunks: int
+    perplexity: float
+    rejected_updates: int
+    def __init__(self, session_version: _Optional[int] = ..., tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., perplexity: _Optional[float] = ..., rejected_updates: _Optional[int] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "stop_token_ids")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]

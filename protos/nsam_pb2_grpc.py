@@ -56,6 +56,11 @@ class ChatServiceStub:
                 request_serializer=nsam_dot_protos_dot_nsam__pb2.ChatRequest.SerializeToString,
                 response_deserializer=nsam_dot_protos_dot_nsam__pb2.ChatEvent.FromString,
                 _registered_method=True)
+        self.ReadDocument = channel.unary_unary(
+                '/nsam.v1.ChatService/ReadDocument',
+                request_serializer=nsam_dot_protos_dot_nsam__pb2.ReadDocumentRequest.SerializeToString,
+                response_deserializer=nsam_dot_protos_dot_nsam__pb2.ReadDocumentResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -91,6 +96,16 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadDocument(self, request, context):
+        """Reads a document into the session's memory, without a reply: in chunks of 256 tokens, each
+        seen by attention on its own, the fast level writes it and the medium level learns it as
+        text. The text does not enter the transcript (later turns reach it through the levels) and
+        is not consolidated into the user level. Counts as one turn.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +128,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.Chat,
                     request_deserializer=nsam_dot_protos_dot_nsam__pb2.ChatRequest.FromString,
                     response_serializer=nsam_dot_protos_dot_nsam__pb2.ChatEvent.SerializeToString,
+            ),
+            'ReadDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadDocument,
+                    request_deserializer=nsam_dot_protos_dot_nsam__pb2.ReadDocumentRequest.FromString,
+                    response_serializer=nsam_dot_protos_dot_nsam__pb2.ReadDocumentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +245,33 @@ class ChatService:
             '/nsam.v1.ChatService/Chat',
             nsam_dot_protos_dot_nsam__pb2.ChatRequest.SerializeToString,
             nsam_dot_protos_dot_nsam__pb2.ChatEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nsam.v1.ChatService/ReadDocument',
+            nsam_dot_protos_dot_nsam__pb2.ReadDocumentRequest.SerializeToString,
+            nsam_dot_protos_dot_nsam__pb2.ReadDocumentResponse.FromString,
             options,
             channel_credentials,
             insecure,

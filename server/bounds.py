@@ -13,12 +13,13 @@ from nsam.server.errors import InvalidArgument
 from nsam.server.settings import Limits
 
 
-def check_text(field: str, text: str, limits: Limits, *, required: bool) -> str:
+def check_text(field: str, text: str, limits: Limits, *, required: bool, max_chars: int | None = None) -> str:
+    """A chat message or system prompt (or, with `max_chars`, a longer text such as a document)."""
+    most = limits.max_message_chars if max_chars is None else max_chars
     if required and not text.strip():
         raise InvalidArgument(f"{field}: must not be empty")
-    if len(text) > limits.max_message_chars:
-        raise InvalidArgument(
-            f"{field}: {len(text)} characters; at most {limits.max_message_chars} are accepted")
+    if len(text) > most:
+        raise InvalidArgument(f"{field}: {len(text)} characters; at most {most} are accepted")
     if "\x00" in text:
         raise InvalidArgument(f"{field}: must not contain NUL characters")
     return text

@@ -282,6 +282,15 @@ class TurnDone:
 
 
 @dataclass(frozen=True)
+class DocumentRead:
+    session_version: int
+    tokens: int
+    chunks: int
+    perplexity: float  # of the text as read (each chunk with the levels the chunks before left)
+    rejected_updates: int
+
+
+@dataclass(frozen=True)
 class MemoryView:
     user: str
     version: int
@@ -362,16 +371,8 @@ class Engine:
             raise InvalidArgument(
                 f"message: {n} tokens; with sampling.max_tokens={params.max_tokens} at most "
                 f"{budget - 16} fit the {self.context_window}-token context window")
-        token = await self.store.acquire_lease(session_id, self.settings.lease_ms,
-                                               self.settings.lease_wait_s)
-        metrics.active_sessions.inc()
-        keeper = asyncio.create_task(self._keep_lease(session_id, token))
-        try:
-            session = await self.store.get_session(session_id, with_state=True)
-            if session.ended:
-                raise FailedPrecondition("session has ended; create a new session")
-            if session.turns >= self.limits.max_turns_per_session:
-                raise FailedPrecondition("session has reached its turn limit; start a new one")
+        async with self._leased(session_id):
+            session = await self._open_session(session_id)
             messages = session.transcript + [{"role": "user", "content": message}]
             try:
                 prompt, fresh = await self.thread.call(self.model.encode_turn, messages, budget)
@@ -409,10 +410,56 @@ class Engine:
             every = self.settings.consolidate_every_turns
             if learned and every and (session.turns + 1) % every == 0:
                 await self.store.enqueue_consolidation(session, version)
+
+    async def read_document(self, session_id: str, text: str) -> DocumentRead:
+        """Reads `text` into the session's levels chunk by chunk (each chunk is its own model
+        call, so chat turns keep decoding in between) and commits the state once, at the end:
+        a failure part-way leaves the session as it was."""
+        if not self.settings.learning:
+            raise FailedPrecondition("this server runs with learning off (--no-learning): "
+                                     "a document can only be read into memory while it learns")
+        session = await self.store.get_session(session_id, with_transcript=False)
+        if session.ended:
+            raise FailedPrecondition("session has ended; create a new session")
+        chunks = await self.thread.call(self.model.document_chunks, text)
+        async with self._leased(session_id):
+            session = await self._open_session(session_id)
+            state, predicted, loss_sum, rejected = session.state, 0, 0.0, 0
+            for ids in chunks:
+                state, read = await self.learner.call(self.learner.model.read_document_chunk, state, ids)
+                self.levels.record(read.reports)
+                predicted += read.tokens
+                loss_sum += read.loss * read.tokens
+                rejected += sum(not r.accepted and r.reason != "no-data" for r in read.reports)
+            version = await self.store.commit_turn(session, state, session.transcript)
+        tokens = sum(len(c) for c in chunks)
+        metrics.document_tokens_total.inc(tokens)
+        perplexity = math.exp(loss_sum / predicted) if predicted else 1.0
+        return DocumentRead(version, tokens, len(chunks), perplexity, rejected)
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, session_id: str) -> AsyncIterator[None]:
+        """Holds the session's turn lease (renewed while held) for one turn or document."""
+        token = await self.store.acquire_lease(session_id, self.settings.lease_ms,
+                                               self.settings.lease_wait_s)
+        metrics.active_sessions.inc()
+        keeper = asyncio.create_task(self._keep_lease(session_id, token))
+        try:
+            yield
         finally:
             keeper.cancel()
             metrics.active_sessions.dec()
             await asyncio.shield(self._release(session_id, token))
+
+    async def _open_session(self, session_id: str) -> SessionRecord:
+        """The session with its state and transcript, once it holds the lease; refused when it
+        can take no more turns."""
+        session = await self.store.get_session(session_id, with_state=True)
+        if session.ended:
+            raise FailedPrecondition("session has ended; create a new session")
+        if session.turns >= self.limits.max_turns_per_session:
+            raise FailedPrecondition("session has reached its turn limit; start a new one")
+        return session
 
     async def _learn(self, session: SessionRecord, end: TurnEnd, message: str,
                      reply: str) -> tuple[bytes | None, bool]:

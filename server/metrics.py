@@ -34,6 +34,7 @@ inter_token_latency_seconds = Histogram(
 )
 prompt_tokens_total = Counter("nsam_prompt_tokens_total", "Prompt tokens prefilled.")
 generated_tokens_total = Counter("nsam_generated_tokens_total", "Tokens generated.")
+document_tokens_total = Counter("nsam_document_tokens_total", "Document tokens read into session memory (ReadDocument).")
 active_sessions = Gauge("nsam_active_sessions", "Sessions with a turn in flight on this replica.")
 queued_turns = Gauge("nsam_queued_turns", "Turns waiting for a slot in the decode batch.")
 batch_size = Histogram(

@@ -102,6 +102,15 @@ class ChatService(_Edge, pb_grpc.ChatServiceServicer):
                 else:
                     yield pb.ChatEvent(token=pb.TokenDelta(text=item.text, token_id=item.token_id))
 
+    async def ReadDocument(self, request: pb.ReadDocumentRequest, context) -> pb.ReadDocumentResponse:
+        sid = self.session_owner(context, request.session_id)
+        text = check_text("text", request.text, self.engine.limits, required=True,
+                          max_chars=self.engine.limits.max_document_chars)
+        read = await self.engine.read_document(sid, text)
+        return pb.ReadDocumentResponse(session_version=read.session_version, tokens=read.tokens,
+                                       chunks=read.chunks, perplexity=read.perplexity,
+                                       rejected_updates=read.rejected_updates)
+
 
 class MemoryService(_Edge, pb_grpc.MemoryServiceServicer):
     async def GetMemory(self, request: pb.GetMemoryRequest, context) -> pb.MemoryInfo:

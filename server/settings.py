@@ -24,6 +24,7 @@ class Limits:
     """Bounds checked before a request reaches the model or the store."""
 
     max_message_chars: int = 16_000       # one chat message / system prompt
+    max_document_chars: int = 200_000     # one ReadDocument text (~50k tokens, ~200 chunks)
     max_new_tokens: int = 1024            # ceiling for SamplingParams.max_tokens
     default_max_tokens: int = 256
     max_temperature: float = 2.0

@@ -52,21 +52,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("fast_memory.safetensors"))
     parser.add_argument("--install", action="store_true", help="write into the package's presets")
     parser.add_argument("--read-scale", type=float, default=1.0,
-                        help="scale the trained read gates before saving: a reply's read while what the memory "
-                             "holds is still in the attention window, where a strong read garbles chat (the "
+                        help="scale the trained read gates before saving: the read in chat while what the memory "
+                             "holds is still in the attention window, where a strong read garbles replies (the "
                              "default preset ships at 0.25)")
     parser.add_argument("--evicted-read-scale", type=float,
                         help="the read's scale once all the memory holds has left the attention window "
                              "(in between: linear in the share that has left); default: --read-scale")
-    parser.add_argument("--prompt-read-scale", type=float,
-                        help="the read's scale for a prompt's text still in view (a reply's tokens read at "
-                             "--read-scale); default: --read-scale")
+    parser.add_argument("--document-read-scale", type=float,
+                        help="the read's scale for a document's text still in view (a document read into a "
+                             "session, chunk by chunk); default: --read-scale")
     args = parser.parse_args(argv)
-    for name in ("evicted_read_scale", "prompt_read_scale"):
+    for name in ("evicted_read_scale", "document_read_scale"):
         if getattr(args, name) is None:
             setattr(args, name, args.read_scale)
-    if min(args.read_scale, args.evicted_read_scale, args.prompt_read_scale) < 0:
-        parser.error("--read-scale, --evicted-read-scale and --prompt-read-scale cannot be negative")
+    if min(args.read_scale, args.evicted_read_scale, args.document_read_scale) < 0:
+        parser.error("--read-scale, --evicted-read-scale and --document-read-scale cannot be negative")
 
     import torch
     from safetensors.torch import save_file
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
     save_file(tensors, str(out), metadata={"model": nsam.model.config.fingerprint(), "spec": fast.compat_key(),
                                                 "read_scale": str(args.read_scale),
                                                 "evicted_read_scale": str(args.evicted_read_scale),
-                                                "prompt_read_scale": str(args.prompt_read_scale)})
+                                                "document_read_scale": str(args.document_read_scale)})
     print(json.dumps({"backbone": backbone, "before": before, "after": after, "steps": args.steps,
                       "seconds": time.perf_counter() - started, "out": str(out)}), flush=True)
     return 0

@@ -86,7 +86,9 @@ ROWS: tuple[Row, ...] = (
         Panel("Tokens per second", (
             Target(f"sum(rate(nsam_generated_tokens_total{{{NS}}}[{RATE}]))", "generated"),
             Target(f"sum(rate(nsam_prompt_tokens_total{{{NS}}}[{RATE}]))", "prompt"),
-        ), unit="short", description="Generated and prefilled tokens per second, all replicas."),
+            Target(f"sum(rate(nsam_document_tokens_total{{{NS}}}[{RATE}]))", "documents read"),
+        ), unit="short", description="Generated, prefilled and read-into-memory (ReadDocument) tokens per "
+                                     "second, all replicas."),
         Panel("Time to first token", quantiles("nsam_time_to_first_token_seconds", legend="TTFT"), unit="s",
               thresholds=(5.0,), description="p50/p99 from Chat request to its first streamed token."),
         Panel("Inter-token latency", quantiles("nsam_inter_token_latency_seconds", legend="ITL"), unit="s",

@@ -62,9 +62,11 @@ async def test_sync_client(server):
 
 async def test_terminal_chat_loop(server, tmp_path):
     export = tmp_path / "alice.safetensors"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The ferry to Oskar Island leaves at seven. " * 20, encoding="utf-8")
     script = io.StringIO("\n".join([
         "my dog's name is Rex", "/help", "/session", "/consolidate", "/memory", f"/export {export}",
-        "/rollback x", "/rollback 1", "/nonsense", "/forget", "no", "/forget --yes", "/quit", ""]))
+        f"/read {notes}", f"/read {tmp_path / 'missing.txt'}", "/read", "/rollback x", "/rollback 1", "/nonsense", "/forget", "no", "/forget --yes", "/quit", ""]))
     out = io.StringIO()
 
     def run():
@@ -81,6 +83,8 @@ async def test_terminal_chat_loop(server, tmp_path):
     assert "taught: dog's name: Rex" in text
     assert export.read_bytes()[:8] and "wrote user level v1" in text
     assert "usage: /rollback N" in text
+    assert "[read 860 tokens in 4 chunks, perplexity" in text and "session v2]" in text
+    assert "cannot read" in text and "missing.txt" in text and "usage: /read FILE" in text
     assert "[INVALID_ARGUMENT]" in text  # rollback to the current version is refused
     assert "unknown command /nonsense" in text
     assert "forgot alice" in text and "session ended" in text

@@ -294,34 +294,33 @@ def test_the_read_grows_with_the_share_of_what_has_left_the_window(tiny):
     assert longer.read_boost == 1.0 and longer.taken_before == 50
 
 
-def test_a_prompt_reads_text_in_view_harder_than_a_reply(tiny):
-    """`prompt_read_boost`: a prompt (prefill) reads text still in view harder than a reply's
-    tokens (decode) do; once everything held has left the window both read at the evicted boost."""
-    from nsam.model.levels import AssociativeState, BatchLevels
+def test_a_document_reads_text_in_view_harder_than_chat(tiny):
+    """`document_read_boost`: a document's chunk reads what is still in view harder than a chat
+    turn does; once everything held has left the window both read at the evicted boost."""
+    from nsam.model.levels import AssociativeState
 
     fast = _open_fast(tiny)
-    fast.prompt_read_boost, fast.evicted_read_boost = 2.0, 3.0
+    fast.document_read_boost, fast.evicted_read_boost = 2.0, 3.0
     x = torch.randn(49, tiny.model.config.dim, generator=torch.Generator().manual_seed(5))
     writer = FastLevelRunner(fast, AssociativeState.zeros(fast.spec))
     with torch.no_grad():
         writer.step(0, x[:32])  # one full chunk: the memory holds it
-    held = writer.state()
-    layer = fast.spec.layers[0]
+        held = writer.state()
+        # The read at the saved strength, no boost (the next chunk's first token reads `held`).
+        one = fast.read(0, fast.project(0, x[32:33])[:, :fast.spec.rank] @ held.memory[0].T)
+    assert one.abs().sum() > 0
     reads = {}
     for in_view in (32, 16, 0):
-        prompt, reply = FastLevelRunner(fast, held, in_context=in_view), FastLevelRunner(fast, held, in_context=in_view)
-        decode = BatchLevels({}, None, None, {layer: 0}, [reply])
-        with torch.no_grad():
-            reads[in_view] = (prompt.step(0, x[32:33])[0], (decode.after_attention(layer, x[None, 32:33]) - x[32])[0, 0])
-    with torch.no_grad():  # the read at the saved strength, no boost (the chunk's first token reads `held`)
-        one = fast.read(0, fast.project(0, x[32:33])[:, :fast.spec.rank] @ held.memory[0].T)[0]
-    assert one.abs().sum() > 0
-    torch.testing.assert_close(reads[32][0], 2 * one)  # all in view: the prompt reads twice as hard
-    torch.testing.assert_close(reads[32][1], one)  # ... a reply at the chat strength
-    torch.testing.assert_close(reads[16][0], 2.5 * one)  # half has left: halfway to the evicted boost
-    torch.testing.assert_close(reads[16][1], 2 * one)
-    torch.testing.assert_close(reads[0][0], 3 * one)  # all of it has left: both at the full boost
-    torch.testing.assert_close(reads[0][1], 3 * one)
+        for document in (True, False):
+            runner = FastLevelRunner(fast, held, in_context=in_view, document=document)
+            with torch.no_grad():
+                reads[in_view, document] = runner.step(0, x[32:33])
+    torch.testing.assert_close(reads[32, True], 2 * one)  # all in view: a document reads twice as hard
+    torch.testing.assert_close(reads[32, False], one)  # ... as chat does
+    torch.testing.assert_close(reads[16, True], 2.5 * one)  # half has left: halfway to the evicted boost
+    torch.testing.assert_close(reads[16, False], 2 * one)
+    torch.testing.assert_close(reads[0, True], 3 * one)  # all of it has left: both at the full boost
+    torch.testing.assert_close(reads[0, False], 3 * one)
 
 
 def test_a_chat_that_drops_old_turns_reads_the_memory_harder(tiny):

@@ -70,12 +70,12 @@ def test_default_model_knows_the_capital_of_france(real_model):
 
 
 def test_the_shipped_fast_level_reads_text_out_of_the_window_harder(real_model):
-    """The preset's read strengths: a quarter of the trained one while a reply's text is in view,
-    half while a prompt's is, 0.625 once it has all left the attention window
-    (benchmarks/README.md, stops 11 and 12)."""
+    """The preset's read strengths: a quarter of the trained one while chat text is in view, half
+    while a document's is, 0.625 once it has all left the attention window (benchmarks/README.md,
+    stops 11 and 12)."""
     assert real_model.fast_trained
     assert real_model.fast_params.evicted_read_boost == pytest.approx(2.5)
-    assert real_model.fast_params.prompt_read_boost == pytest.approx(2.0)
+    assert real_model.fast_params.document_read_boost == pytest.approx(2.0)
 
 
 def test_seeded_sampling_reproduces_and_batching_does_not_change_greedy(real_model):

@@ -66,6 +66,7 @@ async def test_a_user_reaches_only_their_own_sessions(keyed):
     assert await code_of(bob.get_session(s.session_id, include_transcript=True)) == denied
     assert await code_of(bob.send(s.session_id, "hijack")) == denied
     assert await code_of(bob.end_session(s.session_id)) == denied
+    assert await code_of(bob.read_document(s.session_id, "planted text")) == denied
     for call in (bob.memory("alice"), bob.export_memory("alice"), bob.rollback(1, "alice"),
                  bob.forget("alice"), bob.import_memory(b"x" * 10, "alice")):
         assert await code_of(call) == denied

@@ -55,7 +55,8 @@ def online(m, docs, doc_tokens, chunk, offset, variant):
                 break
             f, _ = levels_loss(m.model, spec, [], None, None, piece)
             before = fast_state
-            o, fast_state = levels_loss(m.model, spec, [medium], fast, fast_state, piece)
+            o, runner = levels_loss(m.model, spec, [medium], fast, fast_state, piece)
+            fast_state = runner.state()
             f_sum += f * (len(piece) - 1)
             o_sum += o * (len(piece) - 1)
             k += len(piece) - 1

@@ -1,0 +1,64 @@
+"""`NsamModel.read_document_chunk`: a document goes into a session's levels chunk by chunk, each
+chunk scored with what the chunks before left, each update guarded."""
+
+import dataclasses
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nsam.model.levels import LevelsConfig
+from nsam.model.runtime import DOCUMENT_CHUNK_TOKENS, NsamModel
+from nsam.model.state import MemoryState
+
+TEXT = " ".join(f"Entry {i}: the tide at Vellmoor rose to {3 + i % 5} metres before noon." for i in range(12))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return NsamModel.load("tiny")
+
+
+def _levels(model, data: bytes):
+    return MemoryState.from_bytes(data, model.fingerprint, model.levels, "session").levels
+
+
+def test_a_document_is_cut_into_chunks_of_its_tokens(tiny):
+    chunks = tiny.document_chunks(TEXT)
+    assert [len(c) for c in chunks[:-1]] == [DOCUMENT_CHUNK_TOKENS] * (len(chunks) - 1)
+    assert sum(chunks, []) == tiny.tokenizer.encode(TEXT) and len(chunks) >= 3
+
+
+def test_a_chunk_is_scored_then_written_and_learnt(tiny):
+    first, second = tiny.document_chunks(TEXT)[:2]
+    fresh = tiny.new_session_state(None)
+    after, read = tiny.read_document_chunk(fresh, first)
+    assert read.tokens == len(first) - 1 and math.isfinite(read.loss)
+    assert [(r.level, r.accepted) for r in read.reports] == [("fast", True), ("medium", True)]
+    old, new = _levels(tiny, fresh), _levels(tiny, after)
+    assert not torch.equal(old["fast"].memory, new["fast"].memory)  # the fast level wrote it
+    assert not torch.equal(old["medium"].b, new["medium"].b)  # the medium level learnt from it
+    assert int(new["fast"].taken) == len(first)
+    assert torch.equal(old["user"].b, new["user"].b)  # the user level is only ever consolidated
+    # The next chunk is scored with what the first left: not as a fresh session scores it.
+    _, carried = tiny.read_document_chunk(after, second)
+    _, alone = tiny.read_document_chunk(fresh, second)
+    assert carried.loss != alone.loss
+
+
+def _unchanged(model, old: bytes, new: bytes, name: str) -> bool:
+    a, b = _levels(model, old)[name], _levels(model, new)[name]
+    return all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+
+
+def test_a_rejected_update_leaves_its_level_as_it_was():
+    model = NsamModel.load("tiny")
+    with torch.no_grad():
+        model.fast_params.w_v.fill_(float("nan"))  # every fast write is non-finite
+    model.levels = LevelsConfig(tuple(replace(s, max_update_norm=1e-9) if s.name == "medium" else s
+                                      for s in model.levels.levels))  # every medium update is too large
+    fresh = model.new_session_state(None)
+    after, read = model.read_document_chunk(fresh, model.document_chunks(TEXT)[0])
+    assert [(r.level, r.reason) for r in read.reports] == [("fast", "non-finite"), ("medium", "norm-bound")]
+    assert _unchanged(model, fresh, after, "fast") and _unchanged(model, fresh, after, "medium")
