@@ -34,6 +34,11 @@ from nsam.server.store import SessionRecord, StateStore
 log = logging.getLogger(__name__)
 
 
+def unreadable_session(exc: StateError) -> FailedPrecondition:
+    return FailedPrecondition(f"this session's stored memory state cannot be read: {exc}. "
+                              "End it and create a new session")
+
+
 # --------------------------------------------------------------------------- level health
 
 def observe_finite(histogram: Any, value: float) -> None:
@@ -150,8 +155,7 @@ class ModelThread:
             while not finished:
                 for item in await turn.sink.get():
                     if isinstance(item, StateError):
-                        raise FailedPrecondition(f"this session's stored memory state cannot be read: {item}. "
-                                                 "End it and create a new session") from item
+                        raise unreadable_session(item) from item
                     if isinstance(item, BaseException):
                         raise item
                     finished = isinstance(item, TurnEnd)
@@ -416,7 +420,7 @@ class Engine:
         call, so chat turns keep decoding in between) and commits the state once, at the end:
         a failure part-way leaves the session as it was."""
         if not self.settings.learning:
-            raise FailedPrecondition("this server runs with learning off (--no-learning): "
+            raise FailedPrecondition("this server runs with --learning off: "
                                      "a document can only be read into memory while it learns")
         session = await self.store.get_session(session_id, with_transcript=False)
         if session.ended:
@@ -426,7 +430,10 @@ class Engine:
             session = await self._open_session(session_id)
             state, predicted, loss_sum, rejected = session.state, 0, 0.0, 0
             for ids in chunks:
-                state, read = await self.learner.call(self.learner.model.read_document_chunk, state, ids)
+                try:
+                    state, read = await self.learner.call(self.learner.model.read_document_chunk, state, ids)
+                except StateError as exc:
+                    raise unreadable_session(exc) from exc
                 self.levels.record(read.reports)
                 predicted += read.tokens
                 loss_sum += read.loss * read.tokens

@@ -7,6 +7,7 @@ import pytest
 
 from nsam.client import AsyncClient, NsamError, Sampling
 from nsam.server.store import STREAM
+from server_support import damage_state
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -135,18 +136,11 @@ async def test_rollback_to_a_bad_version_is_refused(client):
     assert (await client.memory("alice")).version == 1
 
 
-def _damage(r, key: str) -> None:
-    """Flip one bit inside the stored state's tensor data (past the safetensors header)."""
-    state = bytearray(r.hget(key, "state"))
-    state[-5] ^= 0x01
-    r.hset(key, "state", bytes(state))
-
-
 async def test_a_damaged_stored_level_is_refused_with_what_to_do_and_rollback_recovers(client, redis_db):
     r = redis_db[1]
     await import_empty(client, "alice")
     await import_empty(client, "alice")
-    _damage(r, "nsam:{alice}:level:2")
+    damage_state(r, "nsam:{alice}:level:2")
     with pytest.raises(NsamError) as err:
         await client.create_session("alice")
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -160,7 +154,7 @@ async def test_a_damaged_stored_level_is_refused_with_what_to_do_and_rollback_re
 async def test_a_damaged_session_state_fails_the_turn_and_keeps_the_session(client, redis_db):
     r = redis_db[1]
     s = await client.create_session("alice")
-    _damage(r, f"nsam:{{alice}}:session:{s.session_id}")
+    damage_state(r, f"nsam:{{alice}}:session:{s.session_id}")
     with pytest.raises(NsamError) as err:
         await client.send(s.session_id, "hello", Sampling(max_tokens=3))
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION

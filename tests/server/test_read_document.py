@@ -7,6 +7,8 @@ import pytest
 from nsam.client import AsyncClient, NsamError, Sampling
 from nsam.server import metrics
 
+from server_support import damage_state
+
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 # ~2,400 bytes: ten 256-token chunks for the tiny model's byte tokenizer.
@@ -57,3 +59,15 @@ async def test_a_server_that_does_not_learn_refuses_documents(start_server, sett
             await c.read_document(s.session_id, DOCUMENT)
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "learning off" in err.value.message
         assert (await c.get_session(s.session_id)).version == 0
+
+
+async def test_a_damaged_session_state_fails_the_read_and_keeps_the_session(client, redis_db):
+    r = redis_db[1]
+    s = await client.create_session("alice")
+    key = f"nsam:{{alice}}:session:{s.session_id}"
+    damage_state(r, key)
+    damaged = r.hget(key, "state")
+    with pytest.raises(NsamError) as err:
+        await client.read_document(s.session_id, DOCUMENT)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "create a new session" in err.value.message
+    assert (await client.get_session(s.session_id)).turns == 0 and r.hget(key, "state") == damaged
