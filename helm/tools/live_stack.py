@@ -227,15 +227,17 @@ def stack(model: str = "tiny", workdir: Path | None = None,
 
 def run_workload(target: str, sessions: int = 4, turns: int = 3, pause_s: float = 1.0,
                  max_tokens: int = 24, not_found_calls: bool = True) -> dict:
-    """Chat turns in a few sessions of two users, spread over scrapes, ending each session
-    (which enqueues its consolidation). After each session one call asks for an unknown session
-    (NOT_FOUND), so the error-ratio queries have a non-OK series that grows between scrapes."""
+    """Chat turns in a few sessions of two users, spread over scrapes, and a short document read
+    into each session, ending each session (which enqueues its consolidation). After each session
+    one call asks for an unknown session (NOT_FOUND), so the error-ratio queries have a non-OK
+    series that grows between scrapes."""
     import grpc
 
     from nsam.protos import nsam_pb2 as pb
     from nsam.protos import nsam_pb2_grpc as pb_grpc
 
-    counts = {"turns": 0, "tokens": 0, "sessions": 0, "errors": 0}
+    counts = {"turns": 0, "tokens": 0, "sessions": 0, "errors": 0, "documents": 0}
+    document = " ".join(f"Day {i}: the ferry left the harbour at {6 + i % 4} and came back at dusk." for i in range(8))
     with grpc.insecure_channel(target) as channel:
         chat = pb_grpc.ChatServiceStub(channel)
         topics = ["my cat is called Miso", "I live in Lisbon", "I play the cello", "my number is 42"]
@@ -251,6 +253,8 @@ def run_workload(target: str, sessions: int = 4, turns: int = 3, pause_s: float 
                         counts["tokens"] += event.done.usage.completion_tokens
                 counts["turns"] += 1
                 time.sleep(pause_s)
+            chat.ReadDocument(pb.ReadDocumentRequest(session_id=session.session_id, text=document), timeout=60)
+            counts["documents"] += 1
             chat.EndSession(pb.EndSessionRequest(session_id=session.session_id), timeout=30)
             counts["sessions"] += 1
             if not not_found_calls:

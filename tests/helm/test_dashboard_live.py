@@ -44,7 +44,7 @@ def scraped(tmp_path_factory):
 def test_workload_ran(scraped):
     server, prom, counts = scraped
     assert len(server.metrics_targets) == 2  # server and worker both scraped
-    assert counts["turns"] == 12 and counts["tokens"] > 0 and counts["errors"] == 4
+    assert counts["turns"] == 12 and counts["tokens"] > 0 and counts["errors"] == 4 and counts["documents"] == 4
     turns = live.finite_values(prom.query('sum(nsam_requests_total{method=~".*Chat",code="OK"})'))
     assert turns == [12.0]
 
