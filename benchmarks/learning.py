@@ -499,6 +499,8 @@ def main() -> None:
     details["in_session_false_binding"] = in_session_binding
     shown = {e.user for e in episodes[:3]}
     details["in_session_recall_by_attribute"] = recall_by_attribute(ans_in, expected)
+    log("  in-session recall by attribute: " + ", ".join(
+        f"{a} {r:.0%}" for a, r in details["in_session_recall_by_attribute"].items()))
     details["in_session_examples"] = {k: {"expected": expected.get(k), "answer": ans_in[k]}
                                       for k in [r[0] for r in reqs + untaught_reqs] if k.split("|")[0] in shown}
     log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}), "
@@ -552,6 +554,8 @@ def main() -> None:
     fb = false_bound(ans_learned, untaught_keys, taught_values)
     changed = sum(ans_learned[k + "|bystander"] != ans_frozen[k + "|bystander"] for _, k, _ in questions)
     details["cross_session_recall_by_attribute"] = recall_by_attribute(ans_learned, cross_expected)
+    log("  cross-session recall by attribute: " + ", ".join(
+        f"{a} {r:.0%}" for a, r in details["cross_session_recall_by_attribute"].items()))
     log(f"cross-session recall {cross:.0%}, false binding {fb:.0%}, other-user changes {changed} "
         f"[{time.perf_counter() - t0:.0f}s]")
 
