@@ -213,6 +213,7 @@ class NsamModel:
         fast_old = state.levels.get("fast")
         lora = [state.levels[name] for name in ("user", "medium") if name in state.levels]
         loss, runner = levels_loss(self.model, spec, lora, self.fast_params, fast_old, ids)
+        loss = loss if len(ids) > 1 else 0.0  # a one-token chunk (a document's last) predicts nothing
         reports = []
         if runner is not None:
             kept, report = guard_fast(self.levels.get("fast"), fast_old, runner, started)

@@ -47,6 +47,13 @@ def test_a_chunk_is_scored_then_written_and_learnt(tiny):
     assert carried.loss != alone.loss
 
 
+def test_a_one_token_chunk_is_written_and_predicts_nothing(tiny):
+    fresh = tiny.new_session_state(None)
+    after, read = tiny.read_document_chunk(fresh, tiny.tokenizer.encode("x"))
+    assert read.tokens == 0 and read.loss == 0.0  # weighs nothing in a document's perplexity
+    assert int(_levels(tiny, after)["fast"].taken) == 1
+
+
 def _unchanged(model, old: bytes, new: bytes, name: str) -> bool:
     a, b = _levels(model, old)[name], _levels(model, new)[name]
     return all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
