@@ -80,15 +80,16 @@ def main() -> None:
         out = ask(m, chat, questions, session, 256)
         answers.update(out)
         row = {"user": e.user, "accepted": report.accepted, "reason": report.reason, "step_scale": report.step_scale,
-               "steps_kept": report.steps_kept, "probe_change": report.probe_loss / report.baseline_probe_loss - 1,
+               "steps_kept": report.steps_kept, "steps_trained": report.steps_trained,
+               "answers_said": report.answers_said, "probe_change": report.probe_loss / report.baseline_probe_loss - 1,
                "recall": score(out, expected), "false_binding": false_bound(out, untaught, values),
                "general_ppl_change": math.exp(mean_loss(m, general, level) - frozen_loss) - 1,
                "seconds": seconds}
         rows.append(row)
         mean = _write(args, m, overrides, rows, answers)
         log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%}, general ppl "
-            f"{row['general_ppl_change']:+.2%}, {report.reason}, {report.steps_kept} steps x{report.step_scale:g}, "
-            f"{seconds:.0f}s")
+            f"{row['general_ppl_change']:+.2%}, {report.reason}, {report.steps_kept} of {report.steps_trained} steps "
+            f"x{report.step_scale:g}, rehearsed answers said {report.answers_said:.0%}, {seconds:.0f}s")
     log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%}, "
         f"general ppl {mean['general_ppl_change']:+.2%} (frozen model: recall 0, ppl change 0)")
 

@@ -277,8 +277,9 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
         user, rep = m.consolidate(user, state, hist)
         accepted += rep.accepted
         shortened += rep.accepted and rep.trust_region != "full"
-        log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason}, {rep.steps_kept} steps "
-            f"x{rep.step_scale:g} ({rep.seconds:.0f}s)")
+        log(f"  [forgetting] session {s + 1}/{len(sessions)}: {rep.reason}, {rep.steps_kept} of "
+            f"{rep.steps_trained} steps x{rep.step_scale:g}, rehearsed answers said {rep.answers_said:.0%} "
+            f"({rep.seconds:.0f}s)")
         if s + 1 in (5, 10) and s + 1 < len(sessions):  # milestones: a long chain can be cut short
             mid = mean_loss(m, general, m._read(user, "user").levels["user"])
             milestones[s + 1] = math.exp(mid) / math.exp(base_loss) - 1
@@ -514,9 +515,11 @@ def main() -> None:
         cons.append({"user": e.user, "accepted": rep.accepted, "reason": rep.reason, "facts": rep.facts,
                      "probe_change": rep.probe_loss / rep.baseline_probe_loss - 1 if rep.accepted else None,
                      "step_scale": rep.step_scale, "steps_kept": rep.steps_kept,
+                     "steps_trained": rep.steps_trained, "answers_said": rep.answers_said,
                      "seconds": time.perf_counter() - t0})
         log(f"  consolidate {e.user}: {rep.reason}, {rep.facts} facts extracted, "
-            f"probe {rep.probe_loss:.3f} vs {rep.baseline_probe_loss:.3f}, {time.perf_counter() - t0:.0f}s")
+            f"probe {rep.probe_loss:.3f} vs {rep.baseline_probe_loss:.3f}, {rep.steps_kept} of {rep.steps_trained} "
+            f"steps, rehearsed answers said {rep.answers_said:.0%}, {time.perf_counter() - t0:.0f}s")
     details["consolidations"] = cons
     user_state_bytes = len(user_states[episodes[0].user])
 

@@ -202,6 +202,51 @@ def test_past_the_drift_budget_the_level_after_fewer_steps_is_kept_before_any_cu
     assert report.trust_region == "interpolated"
 
 
+def test_a_consolidation_trains_on_until_its_answers_are_said_and_no_further(tiny, monkeypatch):
+    import weakref
+    from dataclasses import replace
+
+    import nsam.model.consolidation as consolidation
+
+    spec = tiny.levels.get("user")
+    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    transcript = [{"role": "user", "content": "My dog's name is Rex. My cat's name is Olvena."},
+                  {"role": "assistant", "content": "Noted."}]
+    config = replace(tiny.consolidation, steps=6, on_policy_at=(3,), extra_steps=6, learn_every=3,
+                     probe_ppl_budget=10.0, max_forgetting=10.0)
+    checked = []
+
+    def said_after(steps):  # the level says its answers once it has trained this many steps
+        def said(model, spec, level, examples):
+            checked.append(int(level.step))
+            return 1.0 if int(level.step) >= steps else 0.5
+        return said
+
+    def run(said_at, config=config):
+        checked.clear()
+        monkeypatch.setattr(consolidation, "answers_said", said_after(said_at))
+        return consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
+                                         tiny.probe_ids, config)
+
+    new, report = run(6)  # said after the planned steps: nothing more
+    assert report.accepted and report.steps_trained == report.steps_kept == 6 and int(new.step) == 6
+    assert report.answers_said == 1.0 and checked == [6, 6]  # asked once before training on, once to report
+    new, report = run(9)  # one more round of 3
+    assert report.steps_trained == report.steps_kept == 9 and int(new.step) == 9 and checked[:2] == [6, 9]
+    new, report = run(100)  # never said: stops at steps + extra_steps
+    assert report.steps_trained == report.steps_kept == 12 and int(new.step) == 12 and report.answers_said == 0.5
+    new, report = run(100, replace(config, extra_steps=0))  # the extension off: as before it existed
+    assert report.steps_trained == 6 and checked == [6]
+
+    # Past the drift budget, the level of the planned steps is tried first: today's update.
+    monkeypatch.setattr(consolidation, "probe_loss",
+                        lambda model, spec, levels, ids: 1.0 if levels and int(levels[0].step) > 6 else 0.0)
+    monkeypatch.setattr(consolidation, "_FROZEN_CACHE", weakref.WeakKeyDictionary())  # no cached baseline
+    new, report = run(100, replace(config, probe_ppl_budget=0.02, max_forgetting=0.05))
+    assert report.accepted and report.steps_trained == 12 and report.steps_kept == 6 and report.step_scale == 1.0
+    assert report.trust_region == "fewer steps" and int(new.step) == 6
+
+
 def test_a_consolidation_asked_to_stop_raises_interrupted_before_its_next_model_call(tiny):
     from nsam.model.consolidation import consolidate
     from nsam.model.errors import Interrupted
