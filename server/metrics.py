@@ -107,6 +107,18 @@ consolidation_jobs_total = Counter(
     "nsam_consolidation_jobs_total",
     "Consolidation jobs by outcome (accepted, rejected, conflict, failed).", ["outcome"],
 )
+consolidation_steps = Histogram(
+    "nsam_consolidation_steps",
+    "Training steps of a finished consolidation: the planned ones, plus those it took on until the "
+    "user's rehearsed answers were said word for word.",
+    buckets=(6, 12, 18, 24, 30, 36, 48),
+)
+consolidation_answers_said_ratio = Histogram(
+    "nsam_consolidation_answers_said_ratio",
+    "Share of the user's rehearsed answers (this session's facts and the kept ones) that an accepted "
+    "user level says word for word: below 1, some of what the user told us is not learnt.",
+    buckets=(0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
+)
 consolidation_trust_region_total = Counter(
     "nsam_consolidation_trust_region_total",
     "Accepted consolidations by what the drift budget kept: full (the whole update), fewer steps "

@@ -100,6 +100,8 @@ class Consolidator:
         observe_finite(metrics.level_drift.labels("user"), report.drift)
         observe_finite(metrics.level_update_duration_seconds.labels("user"), report.seconds)
         metrics.consolidation_trust_region_total.labels(report.trust_region).inc()
+        metrics.consolidation_steps.observe(report.steps_trained)
+        observe_finite(metrics.consolidation_answers_said_ratio, report.answers_said)
         return ConsolidationOutcome(session_id, "accepted", report.reason, version, **common)
 
 

@@ -158,6 +158,14 @@ ROWS: tuple[Row, ...] = (
               unit="ops", description="Accepted consolidations: the full update, the level after fewer steps, "
                                       "or an interpolation towards the old level (learns forms, not values). "
                                       "Anything but full means a user's history is near the general-text budget."),
+        Panel("Users' facts learnt", quantiles("nsam_consolidation_answers_said_ratio", qs=(0.5, 0.1),
+                                               legend="answers said"), unit="percentunit",
+              description="Share of a user's rehearsed answers the accepted level says word for word "
+                          "(median, and the worst tenth of consolidations). Below 100%: the level did not "
+                          "learn all the user told it within its steps or its drift budget."),
+        Panel("Training steps per consolidation", quantiles("nsam_consolidation_steps", legend="steps"),
+              description="The planned steps plus those taken until the answers were said; at the cap, "
+                          "facts are hard to learn (codes, long names)."),
     )),
 )
 

@@ -138,8 +138,21 @@ async def test_an_accepted_consolidation_counts_what_the_drift_budget_kept(store
     session, _ = await _session_with_a_turn(store, model_thread)
     kept = metrics.consolidation_trust_region_total.labels("full")
     before = kept._value.get()
+    steps_before = _histogram(metrics.consolidation_steps)
+    said_before = _histogram(metrics.consolidation_answers_said_ratio)
     outcome = await Consolidator(store, model_thread, LevelBook()).run(session.session_id)
     assert outcome.outcome == "accepted" and kept._value.get() == before + 1
+    count, total = _histogram(metrics.consolidation_steps)
+    assert count == steps_before[0] + 1 and total - steps_before[1] >= 1  # the steps it trained
+    count, total = _histogram(metrics.consolidation_answers_said_ratio)
+    assert count == said_before[0] + 1 and 0.0 <= total - said_before[1] <= 1.0
+
+
+def _histogram(histogram) -> tuple[float, float]:
+    """(count, sum) of an unlabelled histogram, as /metrics would show them."""
+    samples = {s.name: s.value for metric in histogram.collect() for s in metric.samples}
+    name = histogram._name
+    return samples[f"{name}_count"], samples[f"{name}_sum"]
 
 
 async def test_concurrent_consolidations_do_not_lose_an_update(store, model_thread):
