@@ -61,8 +61,6 @@ class ConsolidationReport:
     answers_said: float = math.nan  # share of the rehearsed answers the kept level says word for word
 
 
-
-
 def chat_example(tokenizer, messages: list[dict[str, str]], train_roles: tuple[str, ...]) -> TrainingExample:
     """Render messages with the chat template; weight 1 on the content of `train_roles`."""
     ids: list[int] = []
