@@ -126,7 +126,7 @@ class NsamModel:
             model = model.to(_DTYPES[dtype]).requires_grad_(False).eval()
             model.inv_freq = model.inv_freq.float()
             return cls(model, ByteTokenizer(), default_levels(cfg.n_layers), "tiny", cfg.max_seq_len,
-                       ConsolidationConfig(steps=4))
+                       ConsolidationConfig(steps=4, extra_steps=2, learn_every=2))
         loaded = load(name, _DTYPES[dtype])
         return cls(loaded.model, loaded.tokenizer, default_levels(loaded.model.config.n_layers), loaded.source)
 

@@ -258,6 +258,13 @@ def test_a_consolidation_trains_on_until_its_answers_are_said_and_no_further(tin
     assert report.steps_trained == report.steps_kept == 12 and int(new.step) == 12 and report.answers_said == 0.5
     new, report = run(100, replace(config, extra_steps=0))  # the extension off: as before it existed
     assert report.steps_trained == 6 and checked == [6]
+    trained = new
+    new, report = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, trained, transcript, tiny.anchor_ids,
+                                            tiny.probe_ids, config)  # a level with sessions in it: no extension
+    assert report.steps_trained == 6 and int(new.step) == int(trained.step) + 6
+    new, report = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, trained, transcript, tiny.anchor_ids,
+                                            tiny.probe_ids, replace(config, extra_steps_from_empty_only=False))
+    assert report.steps_trained == 12
 
     # Past the drift budget, the level of the planned steps is tried first: today's update.
     monkeypatch.setattr(consolidation, "probe_loss",
