@@ -40,27 +40,6 @@ def test_a_message_stating_a_fact_is_rehearsed_as_question_and_answer(tiny):
     assert int(new.step) == spec.rehearsal_steps  # the rehearsal rate, not the text rate
 
 
-def test_a_fact_turn_rehearses_on_until_the_new_answers_are_said_within_its_extra_steps(tiny, monkeypatch):
-    import nsam.model.consolidation as consolidation
-
-    spec = tiny.levels.get("medium")
-    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
-    messages = [{"role": "user", "content": "My sister's name is Olvena."}, {"role": "assistant", "content": "Nice."}]
-    monkeypatch.setattr(consolidation, "TURN_EXTRA_STEPS", 4)
-    monkeypatch.setattr(consolidation, "TURN_LEARN_EVERY", 2)
-    for said_at, trained in ((0, 0), (2, 2), (100, 4)):
-        asked = []
-
-        def said(model, spec, level, examples, parents=(), said_at=said_at):
-            asked.append(len(examples))
-            return 1.0 if int(level.step) >= spec.rehearsal_steps + said_at else 0.0
-
-        monkeypatch.setattr(consolidation, "answers_said", said)
-        new, report = learn_turn(tiny.model, tiny.tokenizer, spec, fresh, [], messages, tiny.anchor_ids)
-        assert report.accepted and int(new.step) == spec.rehearsal_steps + trained
-        assert asked and all(n == len(extract_facts(messages[0]["content"])[0].questions) for n in asked)
-
-
 def test_a_message_without_facts_is_learnt_as_text_at_the_gentle_rate(tiny):
     spec = tiny.levels.get("medium")
     fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
