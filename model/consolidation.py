@@ -621,7 +621,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         bases = _frozen(model, ("protected", spec.layers, config.protect_energy, config.anchor_window, len(anchor_ids)),
                         lambda: protected_bases(model, spec.layers, anchors, config.protect_energy))
         # A fresh level (B = 0) is projected whole at no cost; a trained one keeps what it has.
-        origin = user_state.a if bool(user_state.b.any()) else torch.zeros_like(user_state.a)
+        origin = torch.zeros_like(user_state.a) if user_state.is_empty else user_state.a
 
         def project(a: torch.Tensor) -> torch.Tensor:
             return project_out(a, origin, bases)
@@ -645,7 +645,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             if negatives_now is not None:
                 on_policy = [negatives_now]
     base = new
-    extends = not config.extra_steps_from_empty_only or not bool(user_state.b.any())
+    extends = not config.extra_steps_from_empty_only or user_state.is_empty
     limit = config.steps + (max(config.extra_steps, 0) if extends else 0)
     while done < limit and rehearsal:
         checkpoint()

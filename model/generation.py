@@ -81,7 +81,7 @@ class Generator:
         lora = [levels[s.name] for s in self.lora_specs if s.name in levels]
         if lora and len(lora) != len(self.lora_specs):
             raise ValueError("a request must bring every LoRA level or none")
-        if all(not bool(state.b.any()) for state in lora):
+        if all(state.is_empty for state in lora):
             lora = []  # B = 0 everywhere (a fresh user and session): the deltas are exactly zero
         fast = None
         fast_state = levels.get("fast")

@@ -97,6 +97,11 @@ class LoraState:
         return cls(a, b, torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(b),
                    torch.zeros_like(b), torch.zeros((), dtype=torch.int64))
 
+    @property
+    def is_empty(self) -> bool:
+        """B = 0 (a level nothing was learnt into yet): its delta B @ A is exactly zero."""
+        return not bool(self.b.any())
+
     def weight_norm(self) -> float:
         # The delta is B @ A; its Frobenius norm summed over layers is what changes the model.
         return float(torch.linalg.matrix_norm(self.b @ self.a).norm())

@@ -222,10 +222,10 @@ def test_a_consolidation_trains_on_until_its_answers_are_said_and_no_further(tin
             return 1.0 if int(level.step) >= steps else 0.5
         return said
 
-    def run(said_at, config=config):
+    def run(said_at, config=config, level=fresh):
         checked.clear()
         monkeypatch.setattr(consolidation, "answers_said", said_after(said_at))
-        return consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
+        return consolidation.consolidate(tiny.model, tiny.tokenizer, spec, level, transcript, tiny.anchor_ids,
                                          tiny.probe_ids, config)
 
     new, report = run(6)  # said after the planned steps: nothing more
@@ -238,11 +238,9 @@ def test_a_consolidation_trains_on_until_its_answers_are_said_and_no_further(tin
     new, report = run(100, replace(config, extra_steps=0))  # the extension off: as before it existed
     assert report.steps_trained == 6 and checked == [6]
     trained = new
-    new, report = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, trained, transcript, tiny.anchor_ids,
-                                            tiny.probe_ids, config)  # a level with sessions in it: no extension
+    new, report = run(100, level=trained)  # a level with sessions in it: no extension
     assert report.steps_trained == 6 and int(new.step) == int(trained.step) + 6
-    new, report = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, trained, transcript, tiny.anchor_ids,
-                                            tiny.probe_ids, replace(config, extra_steps_from_empty_only=False))
+    new, report = run(100, replace(config, extra_steps_from_empty_only=False), level=trained)
     assert report.steps_trained == 12
 
     # Past the drift budget, the level of the planned steps is tried first: today's update.
