@@ -121,12 +121,14 @@ GENERAL_QUESTIONS = (
 
 
 def untaught_slots(facts: list[Fact], taught: set[str], n: int,
-                   neighbours: Callable[[str], list[str]] | None = None) -> list[Slot]:
+                   neighbours: Callable[[str], list[str]] | None = None, owners: int | None = None) -> list[Slot]:
     """Slots that look like the taught ones but were never filled: the same slot with another
     owner ("my brother's name" when the sister's was taught), then common personal attributes
     and the extraction patterns' unfilled frames. The other owners are `neighbours(owner)` (the
     words nearest it, `embedding_neighbours`), taken in turn over the facts; without it, owners
-    from a fixed list of relations."""
+    from a fixed list of relations. `owners`: other owners per name (default: NEAR_OWNERS
+    neighbours, or one relation)."""
+    owners = owners if owners is not None else NEAR_OWNERS if neighbours else 1
     rounds: list[list[Slot]] = []
     for i, f in enumerate(facts):
         if not f.key.endswith("'s name"):
@@ -137,8 +139,8 @@ def untaught_slots(facts: list[Fact], taught: set[str], n: int,
             near = [f"{head} {w}".strip() for w in neighbours(last)]
         else:
             fixed = [r for r in _RELATIONS if f"{r}'s name" not in taught]
-            near = [fixed[(len(f.answer) + i) % len(fixed)]]
-        near = [o for o in near if f"{o}'s name" not in taught][:NEAR_OWNERS]
+            near = [fixed[(len(f.answer) + i + j) % len(fixed)] for j in range(owners)]
+        near = [o for o in near if f"{o}'s name" not in taught][:owners]
         for r, o in enumerate(near):
             if len(rounds) <= r:
                 rounds.append([])
@@ -240,19 +242,20 @@ def fact_slots(facts: list[Fact], form: int) -> list[Slot]:
 @dataclass(frozen=True)
 class ValueTerms:
     """The binding and untaught-slot terms of one rehearsal: batches built once, the slots'
-    reference distribution from the parent levels, one binding batch per question form."""
+    reference distributions from the parent levels (one batch of slots per step, in turn),
+    one binding batch per question form."""
 
-    slots: ValueBatch | None
-    slot_ref: torch.Tensor | None
+    slots: list[ValueBatch]
+    slot_refs: list[torch.Tensor]
     bindings: list[ValueBatch]
     slot_weight: float
     binding_weight: float
 
     def loss(self, logits_fn, step: int) -> torch.Tensor | float:
         loss = 0.0
-        if self.slots is not None:
-            loss = loss + self.slot_weight * slot_loss(logits_fn(self.slots.ids, self.slots.select), self.slot_ref,
-                                                       self.slots)
+        if self.slots:
+            batch, ref = self.slots[step % len(self.slots)], self.slot_refs[step % len(self.slots)]
+            loss = loss + self.slot_weight * slot_loss(logits_fn(batch.ids, batch.select), ref, batch)
         if self.bindings:
             batch = self.bindings[step % len(self.bindings)]
             loss = loss + self.binding_weight * binding_loss(logits_fn(batch.ids, batch.select), batch)
@@ -261,19 +264,24 @@ class ValueTerms:
 
 def value_terms(tokenizer, facts: list[Fact], near: list[Fact], taught: set[str], forms: int, n_slots: int,
                 slot_weight: float, binding_weight: float, parent_logits,
-                neighbours: Callable[[str], list[str]] | None = None) -> ValueTerms:
-    """Binding over `facts` (each question form in turn) and `n_slots` untaught slots near `near`;
-    `parent_logits(ids)` gives the reference the slots are held to."""
+                neighbours: Callable[[str], list[str]] | None = None, pool: int = 0,
+                owners: int | None = None) -> ValueTerms:
+    """Binding over `facts` (each question form in turn) and `n_slots` untaught slots near `near`
+    per step; with `pool` > `n_slots`, that many slots (`owners` other owners per name) taken
+    `n_slots` at a time in turn: wider cover at the same cost per step. `parent_logits(ids)`
+    gives the reference the slots are held to."""
     values = [f.value for f in facts]
-    untaught = untaught_slots(near, taught, n_slots, neighbours) if slot_weight else []
-    slots = value_batch(tokenizer, untaught, values, [None] * len(untaught)) if untaught else None
+    untaught = untaught_slots(near, taught, 4 * max(n_slots, pool), neighbours, owners) if slot_weight and n_slots else []
+    if pool > n_slots:  # each slot once: owners recur across the taught names
+        untaught = list({s.question: s for s in untaught}.values())
+    untaught = untaught[:max(n_slots, pool)]
+    slots = [b for i in range(0, len(untaught), n_slots)
+             if (b := value_batch(tokenizer, untaught[i:i + n_slots], values, [None] * len(untaught[i:i + n_slots])))]
     bindings = [value_batch(tokenizer, fact_slots(facts, r), values, values) for r in range(forms)
                 ] if binding_weight and len(facts) > 1 else []
-    slot_ref = None
-    if slots is not None:
-        with torch.inference_mode():
-            slot_ref = F.log_softmax(parent_logits(slots.ids)[slots.select].float(), -1)
-    return ValueTerms(slots, slot_ref, bindings, slot_weight, binding_weight)
+    with torch.inference_mode():
+        refs = [F.log_softmax(parent_logits(b.ids)[b.select].float(), -1) for b in slots]
+    return ValueTerms(slots, refs, bindings, slot_weight, binding_weight)
 
 
 def binding_loss(logits: torch.Tensor, batch: ValueBatch) -> torch.Tensor:
@@ -467,6 +475,9 @@ class ConsolidationConfig:
     extra_steps: int = 12
     learn_every: int = 6
     extra_steps_from_empty_only: bool = True
+    # Past the drift budget, the levels along the extra steps (every `learn_every`), latest first,
+    # before the level of `steps`.
+    extension_fallbacks: bool = True
     lr: float = 5e-3
     kl_weight: float = 10.0
     untaught_weight: float = 1.0
@@ -491,6 +502,10 @@ class ConsolidationConfig:
     # name's NEAR_OWNERS other owners.
     slots: int = 8
     slot_weight: float = 1.0
+    # > `slots`: this many untaught slots (`slot_owners` other owners per name, 0: the default),
+    # `slots` of them a step in turn: more near misses covered at the same cost per step.
+    slot_pool: int = 0
+    slot_owners: int = 0
     binding_weight: float = 1.0  # taught values against each other at their value positions (`binding_loss`)
     # > 0: the update of A stays out of the MLP hidden directions that hold this share of the
     # anchor text's energy (`subspace.py`), so ordinary text passes the new level unchanged.
@@ -575,7 +590,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     checkpoint()
     neighbours = embedding_neighbours(model, tokenizer) if config.near_owners == "embedding" else None
     terms = value_terms(tokenizer, facts, facts, taught, forms, config.slots, config.slot_weight,
-                        config.binding_weight, model, neighbours)
+                        config.binding_weight, model, neighbours, config.slot_pool, config.slot_owners or None)
     checkpoint()
     with torch.inference_mode():
         chat_ref = _frozen(model, ("chat-anchor-logprobs",), lambda: F.log_softmax(model(chat_ids)[chat_sel].float(), -1))
@@ -647,10 +662,13 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     base = new
     extends = not config.extra_steps_from_empty_only or user_state.is_empty
     limit = config.steps + (max(config.extra_steps, 0) if extends else 0)
+    extended: list[tuple[int, LoraState]] = []  # (steps trained, level) past `steps`, oldest first
     while done < limit and rehearsal:
         checkpoint()
         if answers_said(model, spec, new, rehearsal) == 1.0:
             break
+        if done > config.steps:
+            extended.append((done, new))
         stop = min(done + max(config.learn_every, 1), limit)
         new, _ = train_lora(model, spec, new, [], full_objective, stop - done, config.lr, project)
         done = stop
@@ -667,7 +685,10 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     def within(loss: float) -> bool:
         return math.isfinite(loss) and loss - baseline <= budget
 
-    tries = [(new, done, 1.0)] + ([(base, config.steps, 1.0)] if done > config.steps else [])
+    tries = [(new, done, 1.0)]
+    if config.extension_fallbacks:  # a longer training that ran past the budget: the latest level within it
+        tries += [(level, steps, 1.0) for steps, level in reversed(extended)]
+    tries += [(base, config.steps, 1.0)] if done > config.steps else []
     tries += [(earlier, steps, 1.0) for steps, earlier in reversed(fallbacks)]
     shortest, shortest_steps, _ = tries[-1]
     tries += [(_interpolate(user_state, shortest, alpha), shortest_steps, alpha) for alpha in config.shrink]

@@ -250,6 +250,40 @@ def test_a_consolidation_trains_on_until_its_answers_are_said_and_no_further(tin
     new, report = run(100, replace(config, probe_ppl_budget=0.02, max_forgetting=0.05))
     assert report.accepted and report.steps_trained == 12 and report.steps_kept == 6 and report.step_scale == 1.0
     assert report.trust_region == "fewer steps" and int(new.step) == 6
+    # Within the budget up to 9 steps: the latest level of the extension that fits, 9, before the planned 6.
+    monkeypatch.setattr(consolidation, "probe_loss",
+                        lambda model, spec, levels, ids: 1.0 if levels and int(levels[0].step) > 9 else 0.0)
+    new, report = run(100, replace(config, probe_ppl_budget=0.02, max_forgetting=0.05))
+    assert report.accepted and report.steps_trained == 12 and report.steps_kept == 9 and int(new.step) == 9
+    new, report = run(100, replace(config, probe_ppl_budget=0.02, max_forgetting=0.05, extension_fallbacks=False))
+    assert report.steps_kept == 6 and int(new.step) == 6
+
+
+def test_a_slot_pool_covers_more_near_misses_a_batch_per_step_at_the_same_cost(real_model):
+    from nsam.model.consolidation import value_terms
+
+    tok = real_model.tokenizer
+    facts = extract_facts("My sister's name is Geiplex. My dog's name is Vestar. I work at Puzol.")
+    taught = {f.key for f in facts}
+    near = {"sister": ["brother", "cousin", "aunt", "nephew"], "dog": ["cat", "horse", "puppy", "bird"]}
+
+    def terms(pool):
+        return value_terms(tok, facts, facts, taught, 3, 4, 1.0, 1.0, real_model.model,
+                           lambda w: near.get(w, []), pool, 4)
+    fixed, pooled = terms(0), terms(12)
+    assert len(fixed.slots) == 1 and len(pooled.slots) == 3
+    assert all(b.ids.shape[0] == 4 for b in pooled.slots) and len(pooled.slot_refs) == 3
+    asked = [tok.decode(b.ids[i].tolist()) for b in pooled.slots for i in range(4)]
+    assert len(set(asked)) == 12 and any("horse" in q for q in asked) and any("nephew" in q for q in asked)
+    seen = []
+
+    def logits_fn(ids, select):  # which batch of slots a step scores
+        seen.append(next(i for i, b in enumerate(pooled.slots) if b.ids is ids))
+        return torch.zeros(int(select.sum()), real_model.model.config.vocab_size)
+    slots_only = type(pooled)(pooled.slots, pooled.slot_refs, [], 1.0, 0.0)
+    for step in range(4):
+        slots_only.loss(logits_fn, step)
+    assert seen == [0, 1, 2, 0]
 
 
 def test_a_consolidation_asked_to_stop_raises_interrupted_before_its_next_model_call(tiny):
