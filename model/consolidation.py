@@ -476,7 +476,7 @@ class ConsolidationConfig:
     learn_every: int = 6
     extra_steps_from_empty_only: bool = True
     # Past the drift budget, the levels along the extra steps (every `learn_every`), latest first,
-    # before the level of `steps`.
+    # before the level of `steps`. Stop 16: user03 kept step 18 instead of 12, recall 40% -> 60%.
     extension_fallbacks: bool = True
     lr: float = 5e-3
     kl_weight: float = 10.0
@@ -503,7 +503,9 @@ class ConsolidationConfig:
     slots: int = 8
     slot_weight: float = 1.0
     # > `slots`: this many untaught slots (`slot_owners` other owners per name, 0: the default),
-    # `slots` of them a step in turn: more near misses covered at the same cost per step.
+    # `slots` of them a step in turn: more near misses covered at the same cost per step. Stop 16,
+    # 10 users' first consolidations, 32 slots, 6 embedding owners: false binding 24% -> 10%,
+    # recall 90% -> 83% (benchmarks/README.md, "Stop 16"), so off until it keeps the recall.
     slot_pool: int = 0
     slot_owners: int = 0
     binding_weight: float = 1.0  # taught values against each other at their value positions (`binding_loss`)
