@@ -275,8 +275,8 @@ def value_terms(tokenizer, facts: list[Fact], near: list[Fact], taught: set[str]
     if pool > n_slots:  # each slot once: owners recur across the taught names
         untaught = list({s.question: s for s in untaught}.values())
     untaught = untaught[:max(n_slots, pool)]
-    slots = [b for i in range(0, len(untaught), n_slots)
-             if (b := value_batch(tokenizer, untaught[i:i + n_slots], values, [None] * len(untaught[i:i + n_slots])))]
+    chunks = [untaught[i:i + n_slots] for i in range(0, len(untaught), n_slots)]
+    slots = [value_batch(tokenizer, chunk, values, [None] * len(chunk)) for chunk in chunks]
     bindings = [value_batch(tokenizer, fact_slots(facts, r), values, values) for r in range(forms)
                 ] if binding_weight and len(facts) > 1 else []
     with torch.inference_mode():
@@ -662,20 +662,18 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
                                                  config.on_policy_tokens)
             if negatives_now is not None:
                 on_policy = [negatives_now]
-    base = new
     extends = not config.extra_steps_from_empty_only or user_state.is_empty
     limit = config.steps + (max(config.extra_steps, 0) if extends else 0)
-    extended: list[tuple[int, LoraState]] = []  # (steps trained, level) past `steps`, oldest first
+    trained = [(done, new)]  # (steps, level): the planned steps' level, then one per extra round
     while done < limit and rehearsal:
         checkpoint()
         if answers_said(model, spec, new, rehearsal) == 1.0:
             break
-        if done > config.steps:
-            extended.append((done, new))
         stop = min(done + max(config.learn_every, 1), limit)
         new, _ = train_lora(model, spec, new, [], full_objective, stop - done, config.lr, project)
         done = stop
-    kept, level = guard(spec, user_state, new, None, surprise, started)
+        trained.append((done, new))
+    _, level = guard(spec, user_state, new, None, surprise, started)
     if not level.accepted:
         return user_state, ConsolidationReport(False, level.reason, math.nan, baseline, math.nan, len(stated),
                                                level.update_norm, level.drift, time.perf_counter() - started,
@@ -688,10 +686,9 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     def within(loss: float) -> bool:
         return math.isfinite(loss) and loss - baseline <= budget
 
-    tries = [(new, done, 1.0)]
-    if config.extension_fallbacks:  # a longer training that ran past the budget: the latest level within it
-        tries += [(level, steps, 1.0) for steps, level in reversed(extended)]
-    tries += [(base, config.steps, 1.0)] if done > config.steps else []
+    # The latest level first; without the extension's fallbacks, only the planned steps' after it.
+    candidates = trained if config.extension_fallbacks or len(trained) < 3 else [trained[0], trained[-1]]
+    tries = [(earlier, steps, 1.0) for steps, earlier in reversed(candidates)]
     tries += [(earlier, steps, 1.0) for steps, earlier in reversed(fallbacks)]
     shortest, shortest_steps, _ = tries[-1]
     tries += [(_interpolate(user_state, shortest, alpha), shortest_steps, alpha) for alpha in config.shrink]

@@ -260,6 +260,8 @@ def test_a_consolidation_trains_on_until_its_answers_are_said_and_no_further(tin
 
 
 def test_a_slot_pool_covers_more_near_misses_a_batch_per_step_at_the_same_cost(real_model):
+    from dataclasses import replace
+
     from nsam.model.consolidation import value_terms
 
     tok = real_model.tokenizer
@@ -280,7 +282,7 @@ def test_a_slot_pool_covers_more_near_misses_a_batch_per_step_at_the_same_cost(r
     def logits_fn(ids, select):  # which batch of slots a step scores
         seen.append(next(i for i, b in enumerate(pooled.slots) if b.ids is ids))
         return torch.zeros(int(select.sum()), real_model.model.config.vocab_size)
-    slots_only = type(pooled)(pooled.slots, pooled.slot_refs, [], 1.0, 0.0)
+    slots_only = replace(pooled, bindings=[], binding_weight=0.0)
     for step in range(4):
         slots_only.loss(logits_fn, step)
     assert seen == [0, 1, 2, 0]
