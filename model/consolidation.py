@@ -147,7 +147,7 @@ def untaught_slots(facts: list[Fact], taught: set[str], n: int,
             rounds[r].append(Slot(f"What is my {o}'s name?", f"Your {o}'s name is"))
     out = [s for r in rounds for s in r]
     attributes = [Slot(f"What is my {u}?", f"Your {u} is") for u in UNTAUGHT_PROBES if u not in taught]
-    frames = [Slot(qs[0], a.split("{0}")[0].strip()) for _, key, qs, a in PATTERNS if key != "{0}" and key not in taught]
+    frames = [Slot(qs[0], a.split("{0}")[0].strip()) for _, key, qs, a in PATTERNS if "{0}" not in key and key not in taught]
     out += [s for pair in zip(attributes, frames) for s in pair] + attributes[len(frames):] + frames[len(attributes):]
     return out[:n]
 

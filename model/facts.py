@@ -24,9 +24,14 @@ _VALUE = r"([^.!?\n;,:]{1,60}?)"
 # A value ends at punctuation or where a clause about it starts ("I work at Acme as an engineer").
 _END = r"\s*(?:[.!?\n;,:]|\s(?:and|but|as|who|which|because|since|so|now|these days)\b|$)"
 _W = r"[^\W\d_]+"  # a word (letters, accents included)
+_OWNED = r"\bmy ((?:" + _W + r"'s |" + _W + r" ){0,2}" + _W + r")"  # "my sister", "my piano teacher's"
 PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...], str], ...] = tuple(
     (re.compile(p, re.IGNORECASE), key, qs, a) for p, key, qs, a in (
-        (r"\bmy ((?:" + _W + r"'s |" + _W + r" ){0,2}" + _W + r") (?:is|are|was) (?:called |named )?" + _VALUE + _END,
+        # "my dog is called Rex" names the dog: asked as its name ("what's my dog called?").
+        (_OWNED + r" (?:is|was) (?:called|named) " + _VALUE + _END, "{0}'s name",
+         ("What is my {0}'s name?", "Do you remember my {0}'s name?", "Tell me my {0}'s name."),
+         "Your {0} is called {1}."),
+        (_OWNED + r" (?:is|are|was) (?!called |named )" + _VALUE + _END,
          "{0}", ("What is my {0}?", "Do you remember my {0}?", "Tell me my {0}."), "Your {0} is {1}."),
         (r"\bI live in " + _VALUE + _END, "home",
          ("Where do I live?", "Which place do I live in?", "Do you remember where I live?"), "You live in {0}."),
@@ -54,7 +59,7 @@ def extract_facts(text: str) -> list[Fact]:
     for pattern, key, questions, answer in PATTERNS:
         for m in pattern.finditer(text):
             groups = [g.strip().rstrip(",") for g in m.groups()]
-            if not all(groups) or groups[0].lower() in ("name", "i") and key == "{0}" and len(groups) < 2:
+            if not all(groups):
                 continue
             k = key.format(*groups).lower()
             asked = tuple(q.format(*groups) for q in questions)

@@ -16,3 +16,16 @@ def test_a_restated_fact_takes_its_new_value_and_becomes_the_most_recent():
 def test_facts_round_trip_through_json():
     facts = tuple(extract_facts("My sister's name is Olvena. I work at Acme Tools."))
     assert facts_from_json(facts_to_json(facts)) == facts
+
+
+def test_a_thing_called_something_is_a_name_asked_as_a_name():
+    [dog] = extract_facts("My dog is called Tarbellix and he loves the beach.")
+    assert (dog.key, dog.value, dog.answer) == ("dog's name", "Tarbellix", "Your dog is called Tarbellix.")
+    assert "What is my dog called?" in dog.questions and "What is my dog's name?" in dog.questions
+    [cafe] = extract_facts("My favourite café is named Zefo.")
+    assert cafe.key == "favourite café's name"
+    [car] = extract_facts("My car is a red Fiat.")  # not a name: asked as the thing itself
+    assert (car.key, car.value) == ("car", "a red Fiat")
+    # Said either way, it is one fact: the later statement replaces the earlier value.
+    merged = merge_facts(tuple(extract_facts("My dog is called Rex.")), extract_facts("My dog's name is Max."), 10)
+    assert [(f.key, f.value) for f in merged] == [("dog's name", "Max")]
