@@ -25,12 +25,15 @@ _VALUE = r"([^.!?\n;,:]{1,60}?)"
 _END = r"\s*(?:[.!?\n;,:]|\s(?:and|but|as|who|which|because|since|so|now|these days)\b|$)"
 _W = r"[^\W\d_]+"  # a word (letters, accents included)
 _OWNED = r"\bmy ((?:" + _W + r"'s |" + _W + r" ){0,2}" + _W + r")"  # "my sister", "my piano teacher's"
+_NAME_QUESTIONS = ("What is my {0}'s name?", "Do you remember my {0}'s name?", "Tell me my {0}'s name.")
 PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...], str], ...] = tuple(
     (re.compile(p, re.IGNORECASE), key, qs, a) for p, key, qs, a in (
         # "my dog is called Rex" names the dog: asked as its name ("what's my dog called?").
-        (_OWNED + r" (?:is|was) (?:called|named) " + _VALUE + _END, "{0}'s name",
-         ("What is my {0}'s name?", "Do you remember my {0}'s name?", "Tell me my {0}'s name."),
+        (_OWNED + r" (?:is|was) (?:called|named) " + _VALUE + _END, "{0}'s name", _NAME_QUESTIONS,
          "Your {0} is called {1}."),
+        # "I have a little boat called Wave": the boat's name (a "lot of friends" is not a thing owned).
+        (r"\bI(?: have| have got|'ve got| got) an? (?:(?!of\b)" + _W + r" )*?(" + _W + r") (?:called|named) "
+         + _VALUE + _END, "{0}'s name", _NAME_QUESTIONS, "Your {0} is called {1}."),
         (_OWNED + r" (?:is|are|was) (?!called |named )" + _VALUE + _END,
          "{0}", ("What is my {0}?", "Do you remember my {0}?", "Tell me my {0}."), "Your {0} is {1}."),
         (r"\bI live in " + _VALUE + _END, "home",

@@ -24,6 +24,9 @@ def test_a_thing_called_something_is_a_name_asked_as_a_name():
     assert "What is my dog called?" in dog.questions and "What is my dog's name?" in dog.questions
     [cafe] = extract_facts("My favourite café is named Zefo.")
     assert cafe.key == "favourite café's name"
+    [boat] = extract_facts("I've got a little sailing boat named Wave.")
+    assert (boat.key, boat.value, boat.answer) == ("boat's name", "Wave", "Your boat is called Wave.")
+    assert extract_facts("I have a lot of friends named Bob.") == []
     [car] = extract_facts("My car is a red Fiat.")  # not a name: asked as the thing itself
     assert (car.key, car.value) == ("car", "a red Fiat")
     # Said either way, it is one fact: the later statement replaces the earlier value.
