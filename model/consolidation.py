@@ -13,7 +13,7 @@ import math
 import re
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -105,6 +105,7 @@ TURN_KL_WEIGHT = 10.0
 TURN_NEGATIVE_WEIGHT = 1.0
 TURN_SLOTS, TURN_SLOT_WEIGHT = 4, 0.3  # untaught slots per fact turn (slot_loss) and their weight
 TURN_BINDING_WEIGHT = 1.0  # taught values against each other (binding_loss)
+TURN_EXTRA_ROUND = 2  # steps between checks of whether a turn's rehearsed answers are said
 TURN_ANCHOR_TOKENS = 96  # a turn's update must stay cheap: a CPU trains ~50 tokens/s per thread
 # Owners for near-miss questions ("my sister's name" taught -> "my cousin's name?" must not get it).
 _RELATIONS = ("cousin", "aunt", "best friend", "colleague", "partner", "daughter", "son", "boss", "flatmate")
@@ -359,6 +360,12 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     negatives[0] = _on_policy_negatives(model, tokenizer, spec, frozen + [new], frozen,
                                         near_miss_questions(new_facts, taught, 1) + general, 10)
     new, _ = train_lora(model, spec, new, frozen, objective, spec.rehearsal_steps - half, spec.rehearsal_lr)
+    rehearsed = [qa(f, r) for f in new_facts + earlier for r in range(forms)]
+    done, limit = spec.rehearsal_steps, spec.rehearsal_steps + spec.rehearsal_extra_steps
+    while done < limit and answers_said(model, spec, new, rehearsed, frozen) < 1.0:
+        steps = min(TURN_EXTRA_ROUND, limit - done)
+        new, _ = train_lora(model, spec, new, frozen, objective, steps, spec.rehearsal_lr)
+        done += steps
     return guard(spec, state, new, None, surprise, started)
 
 
@@ -715,14 +722,15 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     return (new if ok else user_state), report
 
 
-def answers_said(model: Transformer, spec: LevelSpec, level: LoraState, examples: list[TrainingExample]) -> float:
-    """Share of `examples` whose weighted tokens are each the level's top prediction given the
-    ones before: the answers greedy decoding would give word for word."""
+def answers_said(model: Transformer, spec: LevelSpec, level: LoraState, examples: list[TrainingExample],
+                 parents: Sequence[LoraState] = ()) -> float:
+    """Share of `examples` whose weighted tokens are each the level's top prediction (on top of
+    its `parents`) given the ones before: the answers greedy decoding would give word for word."""
     ids, targets, weights = _batch(examples)
     with torch.inference_mode():
         zero_a = level.a.new_zeros(len(spec.layers), 0, level.a.shape[-1])
         zero_b = level.b.new_zeros(len(spec.layers), level.b.shape[1], 0)
-        logits = lora_logits(model, spec, [level], zero_a, zero_b, ids)[:, :-1]
+        logits = lora_logits(model, spec, [*parents, level], zero_a, zero_b, ids)[:, :-1]
     right = (logits.argmax(-1) == targets) | (weights == 0)
     return float(right.all(-1).float().mean())
 

@@ -40,6 +40,8 @@ class LevelSpec:
     # pairs with these (0: no rehearsal); other turns use lr/steps (next-token learning).
     rehearsal_steps: int = 0
     rehearsal_lr: float = 0.0
+    # Then up to this many more, TURN_EXTRA_ROUND at a time, until the rehearsed answers are said.
+    rehearsal_extra_steps: int = 0
     max_update_norm: float = 10.0  # guard: larger updates are rejected
     scale: float = 1.0  # "lora": output scale of the delta
 

@@ -40,6 +40,37 @@ def test_a_message_stating_a_fact_is_rehearsed_as_question_and_answer(tiny):
     assert int(new.step) == spec.rehearsal_steps  # the rehearsal rate, not the text rate
 
 
+def test_a_fact_turn_trains_on_until_its_answers_are_said_and_no_further(tiny, monkeypatch):
+    from dataclasses import replace
+
+    import nsam.model.consolidation as consolidation
+
+    spec = replace(tiny.levels.get("medium"), rehearsal_steps=4, rehearsal_extra_steps=4)
+    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    parent = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    messages = [{"role": "user", "content": "My dog's name is Rex."}, {"role": "assistant", "content": "Nice."},
+                {"role": "user", "content": "My cat's name is Olvena."}, {"role": "assistant", "content": "Noted."}]
+    checked = []
+
+    def said_after(steps):  # the level says its answers once it has trained this many steps
+        def said(model, spec, level, examples, parents=()):
+            checked.append((int(level.step), len(examples), len(parents)))
+            return 1.0 if int(level.step) >= steps else 0.5
+        return said
+
+    def run(said_at, spec=spec):
+        checked.clear()
+        monkeypatch.setattr(consolidation, "answers_said", said_after(said_at))
+        new, report = learn_turn(tiny.model, tiny.tokenizer, spec, fresh, [parent], messages, tiny.anchor_ids)
+        assert report.accepted
+        return int(new.step)
+
+    assert run(4) == 4 and checked == [(4, 8, 1)]  # both facts' 4 forms each, on top of the parent
+    assert run(6) == 6 and [s for s, _, _ in checked] == [4, 6]
+    assert run(100) == 8 and [s for s, _, _ in checked] == [4, 6]  # never said: stops at 4 + 4
+    assert run(100, replace(spec, rehearsal_extra_steps=0)) == 4 and checked == []
+
+
 def test_a_message_without_facts_is_learnt_as_text_at_the_gentle_rate(tiny):
     spec = tiny.levels.get("medium")
     fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
