@@ -46,6 +46,14 @@ class LevelSpec:
     scale: float = 1.0  # "lora": output scale of the delta
 
 
+    def state_key(self) -> str:
+        """What a stored state of this level means (its shape and how it is applied), not how it
+        learns: tuning rates, steps or bounds keeps every user's stored memory readable."""
+        key = f"{self.name} {self.rule} layers={list(self.layers)} rank={self.rank} scale={self.scale}"
+        # A fast state is written through trained projections, which depend on its period and rate.
+        return key + (f" period={self.period_tokens} lr={self.lr}" if self.rule == "associative" else "")
+
+
 @dataclass(frozen=True)
 class LevelsConfig:
     levels: tuple[LevelSpec, ...]

@@ -102,7 +102,8 @@ class NsamModel:
             self.fast_params = FastMemory(fast_spec, model.config.dim).requires_grad_(False)
             self.fast_trained = _load_trained_fast(self.fast_params, model.config.fingerprint())
         trained = "trained" if getattr(self, "fast_trained", False) else "init"
-        digest = hashlib.sha256(f"{model.config.fingerprint()}|{levels!r}|{source}|{trained}".encode())
+        level_keys = "|".join(spec.state_key() for spec in levels.levels)
+        digest = hashlib.sha256(f"{model.config.fingerprint()}|{level_keys}|{source}|{trained}".encode())
         self.fingerprint = digest.hexdigest()[:16]
         # Two anchors: a live turn keeps the assistant's chat as it was (its own chat replies),
         # while the user level, which sums a user's whole history, keeps the model's prose outside

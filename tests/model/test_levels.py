@@ -109,6 +109,21 @@ def test_foreign_or_corrupt_state_is_refused(tiny):
         tiny.check_state(b"\x00" * 40, "user")
 
 
+def test_a_stored_state_outlives_tuning_of_how_its_levels_learn(tiny):
+    levels = default_levels(2)
+
+    def model_with(**changes):
+        return NsamModel(tiny.model, tiny.tokenizer, replace(levels, levels=tuple(
+            replace(s, **changes) if s.rule == "lora" else s for s in levels.levels)), "x")
+
+    base = model_with()
+    tuned = model_with(lr=1e-2, steps=3, rehearsal_steps=2, rehearsal_extra_steps=6, max_update_norm=1.0)
+    assert tuned.fingerprint == base.fingerprint
+    tuned.check_state(base.new_user_state(), "user")
+    for shape in ({"rank": 4}, {"layers": (0,)}, {"scale": 0.5}):  # what a stored state means
+        assert model_with(**shape).fingerprint != base.fingerprint, shape
+
+
 def test_a_session_written_before_the_fast_level_counted_its_tokens_is_still_read(tiny):
     import json
 
