@@ -327,8 +327,9 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
         return qa_example(tokenizer, f.questions[form % len(f.questions)], f)
 
     forms = max(len(f.questions) for f in new_facts)
-    rounds = [_selected([qa(f, r) for f in new_facts for r in range(forms)] + [qa(f, r) for f in earlier])
-              for r in range(forms)]
+    new_qa = [qa(f, r) for f in new_facts for r in range(forms)]
+    earlier_qa = [[qa(f, r) for f in earlier] for r in range(forms)]  # each round, one form of each
+    rounds = [_selected(new_qa + earlier_qa[r]) for r in range(forms)]
     windows = anchor_windows(anchor_ids, TURN_ANCHOR_TOKENS)
     anchor = windows[len(users) % len(windows)]  # each turn anchors on another stretch of text
     anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
@@ -360,8 +361,8 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     negatives[0] = _on_policy_negatives(model, tokenizer, spec, frozen + [new], frozen,
                                         near_miss_questions(new_facts, taught, 1) + general, 10)
     new, _ = train_lora(model, spec, new, frozen, objective, spec.rehearsal_steps - half, spec.rehearsal_lr)
-    rehearsed = [qa(f, r) for f in new_facts + earlier for r in range(forms)]
     done, limit = spec.rehearsal_steps, spec.rehearsal_steps + spec.rehearsal_extra_steps
+    rehearsed = new_qa + [e for form in earlier_qa for e in form] if limit > done else []
     while done < limit and answers_said(model, spec, new, rehearsed, frozen) < 1.0:
         steps = min(TURN_EXTRA_ROUND, limit - done)
         new, _ = train_lora(model, spec, new, frozen, objective, steps, spec.rehearsal_lr)

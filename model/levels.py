@@ -45,7 +45,6 @@ class LevelSpec:
     max_update_norm: float = 10.0  # guard: larger updates are rejected
     scale: float = 1.0  # "lora": output scale of the delta
 
-
     def state_key(self) -> str:
         """What a stored state of this level means (its shape and how it is applied), not how it
         learns: tuning rates, steps or bounds keeps every user's stored memory readable."""
