@@ -156,6 +156,12 @@ class ChatLoop:
             self.print(f"[{err.code.name}] {err.message}")
 
 
+def sampling_from_args(args: argparse.Namespace) -> Sampling:
+    """The sampling flags given; the rest are left to the server's defaults."""
+    return Sampling(max_tokens=args.max_tokens, temperature=args.temperature,
+                    repetition_penalty=args.repetition_penalty)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nsam chat", description=__doc__.splitlines()[0])
     p.add_argument("--target", default=os.environ.get("NSAM_TARGET", "127.0.0.1:50051"))
@@ -167,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", default="", help="system prompt of a new session")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="above 1 (e.g. 1.2), tokens already in the conversation are less likely: "
+                        "keeps a small model's greedy replies from looping")
     args = p.parse_args(argv)
-    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature)
+    sampling = sampling_from_args(args)
     with Client(args.target, api_key=args.api_key, tls=args.tls, root_cert=args.root_cert) as client:
         try:
             loop = ChatLoop(client, args.user, args.session, sampling, system_prompt=args.system)
