@@ -109,6 +109,18 @@ TURN_EXTRA_ROUND = 2  # steps between checks of whether a turn's rehearsed answe
 TURN_ANCHOR_TOKENS = 96  # a turn's update must stay cheap: a CPU trains ~50 tokens/s per thread
 # Owners for near-miss questions ("my sister's name" taught -> "my cousin's name?" must not get it).
 _RELATIONS = ("cousin", "aunt", "best friend", "colleague", "partner", "daughter", "son", "boss", "flatmate")
+# Near misses of a named thing or a place ("my café is called Zefo", "I work at Acme"): the answer
+# form "Your café is called Zefo." carries the name to any other thing asked by name (stop 17:
+# "What is the name of my gym?" -> "Your gym is called Zefo."), so other things are asked by name.
+# None is a place the user's own home or work could be ("my village" after "I live in Brisk").
+_THINGS = ("school", "bank", "local pub", "hotel", "bakery", "football team", "choir", "book club")
+_PLACE_KEYS = ("home", "employer", "origin", "birthplace")
+
+
+def _names_a_thing(fact: Fact) -> bool:
+    """A place, or a name given with "is called" ("my boat is called Wave"), as against a
+    person's name ("my sister's name is Ola"): its near misses are other things' names."""
+    return fact.key in _PLACE_KEYS or (fact.key.endswith("'s name") and " is called " in fact.answer)
 
 
 # Ordinary chat questions: after a rehearsal the level must still answer these as its parent does.
@@ -123,34 +135,41 @@ GENERAL_QUESTIONS = (
 
 def untaught_slots(facts: list[Fact], taught: set[str], n: int,
                    neighbours: Callable[[str], list[str]] | None = None, owners: int | None = None) -> list[Slot]:
-    """Slots that look like the taught ones but were never filled: the same slot with another
-    owner ("my brother's name" when the sister's was taught), then common personal attributes
-    and the extraction patterns' unfilled frames. The other owners are `neighbours(owner)` (the
-    words nearest it, `embedding_neighbours`), taken in turn over the facts; without it, owners
-    from a fixed list of relations. `owners`: other owners per name (default: NEAR_OWNERS
-    neighbours, or one relation)."""
+    """Slots that look like the taught ones but were never filled, each once: the same slot with
+    another owner ("my brother's name" when the sister's was taught; "my school's name" when a
+    thing or place was), then common personal attributes and the extraction patterns' unfilled
+    frames. A person's other owners are `neighbours(owner)` (the words nearest it,
+    `embedding_neighbours`) or, without it, a fixed list of relations; a thing's, a fixed list of
+    things. Owners are taken in turn over the facts; `owners`: other owners per fact (default:
+    NEAR_OWNERS neighbours, or one)."""
     owners = owners if owners is not None else NEAR_OWNERS if neighbours else 1
     rounds: list[list[Slot]] = []
+    used: set[str] = set()  # fixed-list owners already given to a fact: the next fact gets others
     for i, f in enumerate(facts):
-        if not f.key.endswith("'s name"):
+        thing = _names_a_thing(f)
+        if not (thing or f.key.endswith("'s name")):
             continue
         owner = f.key.removesuffix("'s name")
         head, _, last = owner.rpartition(" ")  # "piano teacher" -> another kind of teacher
-        if neighbours:
+        if neighbours and not thing:
             near = [f"{head} {w}".strip() for w in neighbours(last)]
         else:
-            fixed = [r for r in _RELATIONS if f"{r}'s name" not in taught]
-            near = [fixed[(len(f.answer) + i + j) % len(fixed)] for j in range(owners)]
+            pool = _THINGS if thing else _RELATIONS
+            fixed = [r for r in pool if f"{r}'s name" not in taught]
+            start = len(f.answer) + i  # where in the list: varies with the facts
+            near = [o for o in fixed[start % len(fixed):] + fixed[:start % len(fixed)] if o not in used][:owners]
+            used.update(near)
         near = [o for o in near if f"{o}'s name" not in taught][:owners]
         for r, o in enumerate(near):
             if len(rounds) <= r:
                 rounds.append([])
-            rounds[r].append(Slot(f"What is my {o}'s name?", f"Your {o}'s name is"))
+            rounds[r].append(Slot(f"What is the name of my {o}?", f"Your {o} is called") if thing
+                             else Slot(f"What is my {o}'s name?", f"Your {o}'s name is"))
     out = [s for r in rounds for s in r]
     attributes = [Slot(f"What is my {u}?", f"Your {u} is") for u in UNTAUGHT_PROBES if u not in taught]
     frames = [Slot(qs[0], a.split("{0}")[0].strip()) for _, key, qs, a in PATTERNS if "{0}" not in key and key not in taught]
     out += [s for pair in zip(attributes, frames) for s in pair] + attributes[len(frames):] + frames[len(attributes):]
-    return out[:n]
+    return list({s.question: s for s in out}.values())[:n]  # owners recur across the taught names
 
 
 # Other owners per taught name, nearest first: a value leaks into the nearest relations first
@@ -272,10 +291,7 @@ def value_terms(tokenizer, facts: list[Fact], near: list[Fact], taught: set[str]
     `n_slots` at a time in turn: wider cover at the same cost per step. `parent_logits(ids)`
     gives the reference the slots are held to."""
     values = [f.value for f in facts]
-    untaught = untaught_slots(near, taught, 4 * max(n_slots, pool), neighbours, owners) if slot_weight and n_slots else []
-    if pool > n_slots:  # each slot once: owners recur across the taught names
-        untaught = list({s.question: s for s in untaught}.values())
-    untaught = untaught[:max(n_slots, pool)]
+    untaught = untaught_slots(near, taught, max(n_slots, pool), neighbours, owners) if slot_weight and n_slots else []
     chunks = [untaught[i:i + n_slots] for i in range(0, len(untaught), n_slots)]
     slots = [value_batch(tokenizer, chunk, values, [None] * len(chunk)) for chunk in chunks]
     bindings = [value_batch(tokenizer, fact_slots(facts, r), values, values) for r in range(forms)

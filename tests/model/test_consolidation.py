@@ -96,6 +96,20 @@ def test_untaught_slots_carry_the_answer_prefix_of_a_slot_never_filled():
     assert all(s.prefix != "You live in" and "sister" not in s.question for s in slots)
 
 
+def test_a_named_thing_or_place_is_near_other_things_asked_by_name_and_no_slot_repeats():
+    facts = extract_facts("My favourite café is called Zefo. I work at Puzol. My sister's name is Ola. "
+                          "My brother's name is Tam. My cat's name is Fesh.")
+    slots = untaught_slots(facts, {f.key for f in facts}, 12)
+    questions = [s.question for s in slots]
+    assert len(questions) == 12 and len(set(questions)) == 12
+    things = [s for s in slots if s.question.startswith("What is the name of my ")]
+    assert len(things) == 2  # one other thing each for the café and the employer
+    assert all(s.prefix == f"Your {s.question.removeprefix('What is the name of my ').rstrip('?')} is called"
+               for s in things)
+    people = [s for s in slots[:5] if s.prefix.endswith("'s name is")]
+    assert len(people) == 3  # the sister's, brother's and cat's names: other relations
+
+
 def test_near_miss_slots_take_each_taught_owners_nearest_untaught_neighbours_in_turn():
     facts = extract_facts("My sister's name is Olvena. My brother's name is Tam. My piano teacher's name is Brek.")
     near = {"sister": ["brother", "cousin", "aunt"], "brother": ["sister", "nephew"], "teacher": ["tutor"]}
