@@ -105,13 +105,3 @@ async def test_resume_a_session(server):
     assert "resumed session" in text and "(1 turns, version 1)" in text
     assert session.turns == 2 and session.ended
 
-
-def test_the_chat_commands_sampling_flags_reach_the_request_and_the_rest_stay_the_servers():
-    import argparse
-
-    from nsam.client.chat import sampling_from_args
-
-    args = argparse.Namespace(max_tokens=40, temperature=None, repetition_penalty=1.2)
-    msg = sampling_from_args(args).to_pb()
-    assert msg.max_tokens == 40 and abs(msg.repetition_penalty - 1.2) < 1e-6
-    assert not msg.HasField("temperature")
