@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .backbone import Transformer
 from .errors import Interrupted
-from .facts import PATTERNS, UNTAUGHT_PROBES, Fact, extract_facts, merge_facts
+from .facts import PATTERNS, UNTAUGHT_PROBES, Fact, extract_facts, merge_facts, names_a_thing
 from .levels import LevelSpec, LoraState
 from .sampling import greedy_continuation
 from .subspace import project_out, protected_bases
@@ -114,13 +114,6 @@ _RELATIONS = ("cousin", "aunt", "best friend", "colleague", "partner", "daughter
 # "What is the name of my gym?" -> "Your gym is called Zefo."), so other things are asked by name.
 # None is a place the user's own home or work could be ("my village" after "I live in Brisk").
 _THINGS = ("school", "bank", "local pub", "hotel", "bakery", "football team", "choir", "book club")
-_PLACE_KEYS = ("home", "employer", "origin", "birthplace")
-
-
-def _names_a_thing(fact: Fact) -> bool:
-    """A place, or a name given with "is called" ("my boat is called Wave"), as against a
-    person's name ("my sister's name is Ola"): its near misses are other things' names."""
-    return fact.key in _PLACE_KEYS or (fact.key.endswith("'s name") and " is called " in fact.answer)
 
 
 # Ordinary chat questions: after a rehearsal the level must still answer these as its parent does.
@@ -146,21 +139,20 @@ def untaught_slots(facts: list[Fact], taught: set[str], n: int,
     rounds: list[list[Slot]] = []
     used: set[str] = set()  # fixed-list owners already given to a fact: the next fact gets others
     for i, f in enumerate(facts):
-        thing = _names_a_thing(f)
+        thing = names_a_thing(f)
         if not (thing or f.key.endswith("'s name")):
             continue
         owner = f.key.removesuffix("'s name")
         head, _, last = owner.rpartition(" ")  # "piano teacher" -> another kind of teacher
         if neighbours and not thing:
-            near = [f"{head} {w}".strip() for w in neighbours(last)]
+            near = [o for o in (f"{head} {w}".strip() for w in neighbours(last)) if f"{o}'s name" not in taught]
         else:
             pool = _THINGS if thing else _RELATIONS
             fixed = [r for r in pool if f"{r}'s name" not in taught]
             start = len(f.answer) + i  # where in the list: varies with the facts
             near = [o for o in fixed[start % len(fixed):] + fixed[:start % len(fixed)] if o not in used][:owners]
             used.update(near)
-        near = [o for o in near if f"{o}'s name" not in taught][:owners]
-        for r, o in enumerate(near):
+        for r, o in enumerate(near[:owners]):
             if len(rounds) <= r:
                 rounds.append([])
             rounds[r].append(Slot(f"What is the name of my {o}?", f"Your {o} is called") if thing

@@ -48,6 +48,16 @@ PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...], str], ...] = tuple(
     )
 )
 
+# Keys of the statements about where the user is (home, employer, origin, birthplace).
+PLACE_KEYS = frozenset(key for _, key, _, _ in PATTERNS if "{0}" not in key)
+
+
+def names_a_thing(fact: Fact) -> bool:
+    """A place, or a name given with "is called" ("my boat is called Wave"), as against a
+    person's name ("my sister's name is Ola")."""
+    return fact.key in PLACE_KEYS or (fact.key.endswith("'s name") and " is called " in fact.answer)
+
+
 # Questions about things users commonly have; the ones not taught anchor the level to the
 # frozen model's answer, so taught values do not leak into untaught slots.
 UNTAUGHT_PROBES = (

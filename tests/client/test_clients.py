@@ -104,4 +104,3 @@ async def test_resume_a_session(server):
     text, session = await asyncio.to_thread(run)
     assert "resumed session" in text and "(1 turns, version 1)" in text
     assert session.turns == 2 and session.ended
-
