@@ -427,7 +427,7 @@ def main() -> None:
                     help="torch threads (1 by default: on a shared 2-core machine more threads thrash)")
     ap.add_argument("--quick", action="store_true",
                     help="3 users, 5 forgetting sessions, 2 documents × 1024 tokens")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["forgetting", "online", "decode"],
+    ap.add_argument("--skip", nargs="*", default=[], choices=["forgetting", "cross", "online", "decode"],
                     help="leave phases out (their figures are null)")
     args = ap.parse_args()
     if args.quick:
@@ -473,7 +473,7 @@ def main() -> None:
 
     # 2) in-session recall: facts out of the window, same session state.
     values = {e.user: [f.value for f in e.facts] for e in episodes}
-    reqs, untaught_reqs, expected, meta = [], [], {}, {}
+    reqs, untaught_reqs, expected, meta, asked = [], [], {}, {}, {}
     for e in episodes:
         for f in e.facts:
             for j, q in enumerate(f.questions):
@@ -482,7 +482,7 @@ def main() -> None:
                                            values[e.user])
                 reqs.append((rid, ids, states[e.user], fresh))
                 expected[rid] = f.value
-                meta[rid] = ids
+                meta[rid], asked[rid] = ids, (e.user, q)
         for j, q in enumerate(e.untaught):  # never taught: must not get one of the user's values
             ids, fresh = window_prompt(m, history[e.user] + [{"role": "user", "content": q}], args.window,
                                        values[e.user])
@@ -492,6 +492,13 @@ def main() -> None:
     ans_in = {k: v[0] for k, v in chat.run(reqs + untaught_reqs).items()}
     ans_in_frozen = {k.replace("|in|", "|inF|"): v[0] for k, v in
                      chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, *_ in reqs]).items()}
+    # The same questions asked with nothing of the session before them: does the level hold the
+    # fact (and the turns in the window lead the answer astray), or does it not hold it?
+    ans_alone = {k: v[0] for k, v in chat.run(
+        [(rid.replace("|in|", "|inA|"), m.encode_chat([{"role": "user", "content": q}], args.window), states[user])
+         for rid, (user, q) in asked.items()]).items()}
+    in_session_alone = score(ans_alone, {k.replace("|in|", "|inA|"): v for k, v in expected.items()})
+    details["in_session_recall_question_alone"] = in_session_alone
     in_untaught = [r[0] for r in untaught_reqs]
     in_session_binding = false_bound(ans_in, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
     in_session_recall = score(ans_in, expected)
@@ -503,10 +510,79 @@ def main() -> None:
     log("  in-session recall by attribute: " + ", ".join(
         f"{a} {r:.0%}" for a, r in details["in_session_recall_by_attribute"].items()))
     details["in_session_examples"] = {k: {"expected": expected.get(k), "answer": ans_in[k]}
+                                      | ({"question_alone": ans_alone[k.replace("|in|", "|inA|")]} if k in asked else {})
                                       for k in [r[0] for r in reqs + untaught_reqs] if k.split("|")[0] in shown}
     log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}), "
-        f"untaught questions answered with a taught value {in_session_binding:.0%} [{time.perf_counter() - t0:.0f}s]")
+        f"untaught questions answered with a taught value {in_session_binding:.0%}; the same questions with none "
+        f"of the session in the prompt {in_session_alone:.0%} [{time.perf_counter() - t0:.0f}s]")
 
+    # 3-4) consolidation at session end; session 2; the prompt baselines.
+    cross = fb = changed = user_state_bytes = None
+    base = {"frozen": {"cross_session_recall": None, "false_binding": None}}
+    if "cross" not in args.skip:
+        cross, fb, changed, user_state_bytes, base = cross_session_phase(
+            m, chat, episodes, states, history, values, fresh_user, fresh_session, args, details)
+    base["frozen"]["in_session_recall"] = in_session_frozen
+
+    # 5) forgetting (started at the beginning, in its own process when --jobs 2).
+    forgetting = None
+    if forgetting_job is not None:
+        forgetting, details["forgetting"] = forgetting_job.result()
+
+    # 6) online perplexity on long documents.
+    online = None
+    if "online" not in args.skip:
+        t0 = time.perf_counter()
+        docs = []
+        for p in args.docs:
+            docs += sorted(p.glob("*.txt")) if p.is_dir() else [p]
+        res = online_ppl(m, docs[:args.max_docs], args.doc_tokens, args.chunk, offset=1000)
+        online = res["reduction"]
+        details["online"] = {**res, "seconds": time.perf_counter() - t0}
+        log(f"online ppl {res['online_ppl']:.2f} vs frozen {res['frozen_ppl']:.2f}: {online:.1%} lower")
+
+    # 7) decode speed with learning on / off, same prompts and states.
+    ratio = None
+    if "decode" not in args.skip:
+        prompts = [m.encode_chat([{"role": "user", "content": q}], args.window) for q in FILLER[:8]]
+        rates = {True: [], False: []}
+        for _ in range(2):
+            for learning in (False, True):
+                c = Chat(m, 8, learning=learning, max_tokens=48)
+                c.run([(f"d{i}", p, fresh_session) for i, p in enumerate(prompts)])
+                rates[learning].append(c.decode_tokens / c.decode_seconds)
+        ratio = max(rates[True]) / max(rates[False])
+        details["decode_tokens_per_s"] = {"learning": max(rates[True]), "frozen": max(rates[False])}
+        log(f"decode ratio {ratio:.2f}")
+
+    results = {
+        "cross_session_recall": cross,
+        "in_session_recall": in_session_recall,
+        "false_binding": fb,
+        "other_user_changes": changed,
+        "forgetting": forgetting,
+        "online_ppl_reduction": online,
+        "update_seconds_per_100_tokens": 100 * upd_s / max(upd_tok, 1),
+        "session_state_bytes": session_state_bytes,
+        "user_state_bytes": user_state_bytes,
+        "learning_decode_ratio": ratio,
+        "baselines": base,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+        | {"docs": [str(p) for p in args.docs], "model": m.source, "threads": torch.get_num_threads()},
+        "details": details,
+        "seconds": time.perf_counter() - started,
+    }
+    print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, history: dict, values: dict,
+                        fresh_user: bytes, fresh_session: bytes, args, details: dict):
+    """Consolidate each user's session 1, ask in a fresh session 2 (a bystander in the same
+    batch), and the prompt baselines. -> (recall, false binding, bystander changes, user state
+    bytes, baselines)"""
     # 3) consolidation at session end.
     user_states, cons = {}, []
     for e in episodes:
@@ -564,8 +640,7 @@ def main() -> None:
 
     # baselines: frozen; statements in the prompt; retrieval of the top-3 past messages.
     base = {"frozen": {"cross_session_recall": score(ans_frozen, cross_expected),
-                       "false_binding": false_bound(ans_frozen, untaught_keys, taught_values),
-                       "in_session_recall": in_session_frozen}}
+                       "false_binding": false_bound(ans_frozen, untaught_keys, taught_values)}}
     past = {e.user: [h["content"] for h in history[e.user] if h["role"] == "user"] for e in episodes}
     for name in ("facts_in_prompt", "retrieval_top3"):
         reqs = []
@@ -586,59 +661,7 @@ def main() -> None:
             f"false binding {base[name]['false_binding']:.0%}")
     details["examples"] = {k: {"expected": cross_expected.get(k), "learned": ans_learned[k], "frozen": ans_frozen[k]}
                            for _, k, _ in questions[:2 * (args.facts * 2 + 5)]}
-
-    # 5) forgetting (started at the beginning, in its own process when --jobs 2).
-    forgetting = None
-    if forgetting_job is not None:
-        forgetting, details["forgetting"] = forgetting_job.result()
-
-    # 6) online perplexity on long documents.
-    online = None
-    if "online" not in args.skip:
-        t0 = time.perf_counter()
-        docs = []
-        for p in args.docs:
-            docs += sorted(p.glob("*.txt")) if p.is_dir() else [p]
-        res = online_ppl(m, docs[:args.max_docs], args.doc_tokens, args.chunk, offset=1000)
-        online = res["reduction"]
-        details["online"] = {**res, "seconds": time.perf_counter() - t0}
-        log(f"online ppl {res['online_ppl']:.2f} vs frozen {res['frozen_ppl']:.2f}: {online:.1%} lower")
-
-    # 7) decode speed with learning on / off, same prompts and states.
-    ratio = None
-    if "decode" not in args.skip:
-        prompts = [m.encode_chat([{"role": "user", "content": q}], args.window) for q in FILLER[:8]]
-        rates = {True: [], False: []}
-        for _ in range(2):
-            for learning in (False, True):
-                c = Chat(m, 8, learning=learning, max_tokens=48)
-                c.run([(f"d{i}", p, fresh_session) for i, p in enumerate(prompts)])
-                rates[learning].append(c.decode_tokens / c.decode_seconds)
-        ratio = max(rates[True]) / max(rates[False])
-        details["decode_tokens_per_s"] = {"learning": max(rates[True]), "frozen": max(rates[False])}
-        log(f"decode ratio {ratio:.2f}")
-
-    results = {
-        "cross_session_recall": cross,
-        "in_session_recall": in_session_recall,
-        "false_binding": fb,
-        "other_user_changes": changed,
-        "forgetting": forgetting,
-        "online_ppl_reduction": online,
-        "update_seconds_per_100_tokens": 100 * upd_s / max(upd_tok, 1),
-        "session_state_bytes": session_state_bytes,
-        "user_state_bytes": user_state_bytes,
-        "learning_decode_ratio": ratio,
-        "baselines": base,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
-        | {"docs": [str(p) for p in args.docs], "model": m.source, "threads": torch.get_num_threads()},
-        "details": details,
-        "seconds": time.perf_counter() - started,
-    }
-    print_table(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return cross, fb, changed, user_state_bytes, base
 
 
 def _met(key: str, value) -> str:
@@ -671,7 +694,8 @@ def print_table(r: dict) -> None:
     print(f"{'':<18}{'cross-session recall':>22}{'false binding':>15}{'in-session recall':>19}")
     for name, b in r["baselines"].items():
         ins = f"{b['in_session_recall']:.0%}" if "in_session_recall" in b else "-"
-        print(f"{name:<18}{b['cross_session_recall']:>22.0%}{b['false_binding']:>15.0%}{ins:>19}")
+        cross, fb = (f"{b[k]:.0%}" if b[k] is not None else "n/a" for k in ("cross_session_recall", "false_binding"))
+        print(f"{name:<18}{cross:>22}{fb:>15}{ins:>19}")
     met = [k for k in GOALS if _met(k, r[k]) == "met"]
     missed = [k for k in GOALS if _met(k, r[k]) == "MISSED"]
     print(f"\ngoals met: {', '.join(met) or 'none'}")
