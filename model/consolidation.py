@@ -75,11 +75,16 @@ def chat_example(tokenizer, messages: list[dict[str, str]], train_roles: tuple[s
     return TrainingExample(ids, weights[1:])
 
 
-def qa_example(tokenizer, question: str, fact: Fact, value_weight: float = 1.0) -> TrainingExample:
+def qa_example(tokenizer, question: str, fact: Fact, value_weight: float = 1.0,
+               context: Sequence[dict[str, str]] = ()) -> TrainingExample:
     """`question` answered with the fact's answer, weighted on the answer, its value's tokens
-    `value_weight` times as much: a code's later digits are where the backbone's prior wins."""
-    example = chat_example(tokenizer, [{"role": "user", "content": question},
+    `value_weight` times as much: a code's later digits are where the backbone's prior wins.
+    With `context` (earlier messages, not trained on) the question comes after them."""
+    example = chat_example(tokenizer, [*context, {"role": "user", "content": question},
                                        {"role": "assistant", "content": fact.answer}], ("assistant",))
+    if context:
+        skip = len(tokenizer.encode_chat(list(context), add_generation_prompt=False))
+        example = TrainingExample(example.ids, [0.0] * skip + list(example.weights[skip:]))
     if value_weight == 1.0 or not fact.value or fact.value not in fact.answer:
         return example
     first = next(t for t, w in enumerate(example.weights) if w > 0)
@@ -320,30 +325,56 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     as question→answer pairs (statement training alone does not carry over to questions),
     together with the session's earlier facts so they are not overwritten, for
     `spec.rehearsal_steps` at `spec.rehearsal_lr` under a KL anchor to the parent levels on
-    general text; any other message is a gentle next-token update (`spec.steps` at `spec.lr`)."""
+    general text; any other message is a gentle next-token update (`spec.steps` at `spec.lr`),
+    and on the `spec.replay_turns` turns after the last one that stated facts the session's
+    facts are rehearsed again for `spec.replay_steps`."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     users = [m["content"] for m in messages if m["role"] == "user"]
     turn = system + messages[-2:]
     new_facts = extract_facts(users[-1]) if users else []
-    if not new_facts or not spec.rehearsal_steps:
-        return update_on_examples(model, spec, state, frozen, [chat_example(tokenizer, turn, ("user",))])
+    if new_facts and spec.rehearsal_steps:
+        keys = {f.key for f in new_facts}
+        earlier = [f for f in extract_facts("\n".join(users[-20:-1])) if f.key not in keys]
+        return _rehearse(model, tokenizer, spec, state, frozen, new_facts, earlier, turn, len(users), anchor_ids,
+                         spec.rehearsal_steps, spec.rehearsal_extra_steps)
+    state, report = update_on_examples(model, spec, state, frozen, [chat_example(tokenizer, turn, ("user",))])
+    stated = [i for i, text in enumerate(users[-20:-1]) if extract_facts(text)]
+    since = len(users[-20:-1]) - stated[-1] if stated else 0  # turns since the last fact, this one included
+    if not (spec.replay_steps and spec.rehearsal_steps and 0 < since <= spec.replay_turns
+            and report.accepted):
+        return state, report
+    # Spaced rehearsal: the facts were rehearsed while they were new; a few turns on, once
+    # more (the last fact of a session otherwise gets one turn's steps).
+    session = extract_facts("\n".join(users[-20:-1]))
+    return _rehearse(model, tokenizer, spec, state, frozen, [], session, turn, len(users), anchor_ids,
+                     spec.replay_steps, 0)
+
+
+def _rehearse(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState, frozen: list[LoraState],
+              new_facts: list[Fact], earlier: list[Fact], turn: list[dict[str, str]], turns: int,
+              anchor_ids: list[int], steps: int, extra_steps: int) -> tuple[LoraState, LevelReport]:
+    """`steps` of question→answer rehearsal at `spec.rehearsal_lr`: every form of `new_facts`
+    and one form of each of `earlier` per step, under the KL anchors (general text, the chat
+    anchor after `turn`), the binding and untaught-slot terms, and on-policy negatives from
+    halfway; then up to `extra_steps` more until the rehearsed answers are said."""
     started = time.perf_counter()
-    keys = {f.key for f in new_facts}
-    earlier = [f for f in extract_facts("\n".join(users[-20:-1])) if f.key not in keys]
+    focus = new_facts or earlier  # whose near misses are held
 
-    def qa(f: Fact, form: int) -> TrainingExample:
-        return qa_example(tokenizer, f.questions[form % len(f.questions)], f)
+    def qa(f: Fact, form: int, context=()) -> TrainingExample:
+        return qa_example(tokenizer, f.questions[form % len(f.questions)], f, context=context)
 
-    forms = max(len(f.questions) for f in new_facts)
+    forms = max(len(f.questions) for f in focus)
     new_qa = [qa(f, r) for f in new_facts for r in range(forms)]
-    earlier_qa = [[qa(f, r) for f in earlier] for r in range(forms)]  # each round, one form of each
+    # Earlier facts are asked after this turn: later in a session they are asked after other
+    # turns, which otherwise lead the answer astray (stop 19: asked alone 87%, in the window 57%).
+    earlier_qa = [[qa(f, r, turn) for f in earlier] for r in range(forms)]  # each round, one form of each
     rounds = [_selected(new_qa + earlier_qa[r]) for r in range(forms)]
     windows = anchor_windows(anchor_ids, TURN_ANCHOR_TOKENS)
-    anchor = windows[len(users) % len(windows)]  # each turn anchors on another stretch of text
+    anchor = windows[turns % len(windows)]  # each turn anchors on another stretch of text
     anchor_sel = torch.ones_like(anchor, dtype=torch.bool)
     chat_ids, chat_sel, _, chat_w = _selected(chat_anchor(model, tokenizer, context=turn))
     taught = {f.key for f in new_facts + earlier}
-    terms = value_terms(tokenizer, new_facts + earlier, new_facts, taught, forms, TURN_SLOTS, TURN_SLOT_WEIGHT,
+    terms = value_terms(tokenizer, new_facts + earlier, focus, taught, forms, TURN_SLOTS, TURN_SLOT_WEIGHT,
                         TURN_BINDING_WEIGHT, lambda ids: _parent_logits(model, spec, frozen, state, ids))
     with torch.inference_mode():
         ref = F.log_softmax(_parent_logits(model, spec, frozen, state, anchor)[anchor_sel].float(), -1)
@@ -363,18 +394,18 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
             loss = loss + TURN_NEGATIVE_WEIGHT * _kl(logits_fn(n_ids, n_select), n_ref, n_weights)
         return loss, float(answer.detach())
 
-    half = spec.rehearsal_steps // 2
+    half = steps // 2
     new, surprise = train_lora(model, spec, state, frozen, objective, half, spec.rehearsal_lr)
-    general = [GENERAL_QUESTIONS[len(users) % len(GENERAL_QUESTIONS)]]
+    general = [GENERAL_QUESTIONS[turns % len(GENERAL_QUESTIONS)]]
     negatives[0] = _on_policy_negatives(model, tokenizer, spec, frozen + [new], frozen,
-                                        near_miss_questions(new_facts, taught, 1) + general, 10)
-    new, _ = train_lora(model, spec, new, frozen, objective, spec.rehearsal_steps - half, spec.rehearsal_lr)
-    done, limit = spec.rehearsal_steps, spec.rehearsal_steps + spec.rehearsal_extra_steps
+                                        near_miss_questions(focus, taught, 1) + general, 10)
+    new, _ = train_lora(model, spec, new, frozen, objective, steps - half, spec.rehearsal_lr)
+    done, limit = steps, steps + extra_steps
     rehearsed = new_qa + [e for form in earlier_qa for e in form] if limit > done else []
     while done < limit and answers_said(model, spec, new, rehearsed, frozen) < 1.0:
-        steps = min(TURN_EXTRA_ROUND, limit - done)
-        new, _ = train_lora(model, spec, new, frozen, objective, steps, spec.rehearsal_lr)
-        done += steps
+        more = min(TURN_EXTRA_ROUND, limit - done)
+        new, _ = train_lora(model, spec, new, frozen, objective, more, spec.rehearsal_lr)
+        done += more
     return guard(spec, state, new, None, surprise, started)
 
 

@@ -79,6 +79,33 @@ def test_a_message_without_facts_is_learnt_as_text_at_the_gentle_rate(tiny):
     assert report.accepted and int(new.step) == spec.steps
 
 
+def test_the_turns_after_a_fact_rehearse_the_session_facts_again_then_only_text(tiny):
+    from dataclasses import replace
+
+    spec = replace(tiny.levels.get("medium"), rehearsal_steps=4, replay_steps=2, replay_turns=2)
+    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    taught = [{"role": "user", "content": "My sister's name is Olvena."}, {"role": "assistant", "content": "Nice."}]
+    chat = [[{"role": "user", "content": q}, {"role": "assistant", "content": "Sure."}]
+            for q in ("Why is the sea salty?", "Name a fruit.", "What is rain?")]
+    question, answer = "What is my sister's name?", "Your sister's name is Olvena."
+
+    def turn(messages, state):
+        new, report = learn_turn(tiny.model, tiny.tokenizer, spec, state, [], messages, tiny.anchor_ids)
+        assert report.accepted
+        return new, int(new.step) - int(state.step)
+
+    after_fact, steps = turn(taught, fresh)
+    assert steps == spec.rehearsal_steps
+    replayed, steps = turn(taught + chat[0], after_fact)
+    assert steps == spec.steps + spec.replay_steps  # the text, then the session's facts again
+    assert _answer_loss(tiny, spec, replayed, question, answer) < _answer_loss(tiny, spec, after_fact, question, answer)
+    assert turn(taught + chat[0] + chat[1], replayed)[1] == spec.steps + spec.replay_steps
+    assert turn(taught + chat[0] + chat[1] + chat[2], replayed)[1] == spec.steps  # past replay_turns: text only
+    off = replace(spec, replay_steps=0)
+    new, report = learn_turn(tiny.model, tiny.tokenizer, off, after_fact, [], taught + chat[0], tiny.anchor_ids)
+    assert report.accepted and int(new.step) - int(after_fact.step) == off.steps
+
+
 def test_near_miss_questions_never_ask_for_what_was_taught():
     facts = extract_facts("My sister's name is Olvena. My cousin's name is Brek. I live in Brisk.")
     taught = {f.key for f in facts}
@@ -401,3 +428,18 @@ def test_a_rehearsed_answer_weighs_its_value_tokens_as_asked(tiny):
     heavy = "".join(tiny.tokenizer.decode([weighted.ids[t + 1]]) for t, w in enumerate(weighted.weights) if w == 4.0)
     assert heavy == "1504"  # the value's tokens, and only they
     assert all(w == p for w, p in zip(weighted.weights, plain.weights) if w != 4.0)  # the rest as before
+
+
+def test_a_question_asked_after_other_turns_trains_only_its_answer(tiny):
+    from nsam.model.consolidation import qa_example
+
+    [fact] = extract_facts("My sister's name is Olvena.")
+    context = [{"role": "user", "content": "Why is the sky blue?"}, {"role": "assistant", "content": "Light scatters."}]
+    alone = qa_example(tiny.tokenizer, fact.questions[0], fact)
+    after = qa_example(tiny.tokenizer, fact.questions[0], fact, context=context)
+    prefix = tiny.tokenizer.encode_chat(context, add_generation_prompt=False)
+    assert after.ids[:len(prefix)] == prefix and len(after.ids) > len(alone.ids)
+
+    def trained(example):
+        return tiny.tokenizer.decode([example.ids[t + 1] for t, w in enumerate(example.weights) if w > 0])
+    assert trained(after) == trained(alone) and fact.answer in trained(after)  # the context's reply is not
