@@ -354,7 +354,7 @@ def _rehearse(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState, 
               new_facts: list[Fact], earlier: list[Fact], turn: list[dict[str, str]], turns: int,
               anchor_ids: list[int], steps: int, extra_steps: int) -> tuple[LoraState, LevelReport]:
     """`steps` of question→answer rehearsal at `spec.rehearsal_lr`: every form of `new_facts`
-    and one form of each of `earlier` per step, under the KL anchors (general text, the chat
+    and one form of each of `earlier` (asked after `turn`) per step, under the KL anchors (general text, the chat
     anchor after `turn`), the binding and untaught-slot terms, and on-policy negatives from
     halfway; then up to `extra_steps` more until the rehearsed answers are said."""
     started = time.perf_counter()
