@@ -332,20 +332,21 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     users = [m["content"] for m in messages if m["role"] == "user"]
     turn = system + messages[-2:]
     new_facts = extract_facts(users[-1]) if users else []
+    before = users[-20:-1]  # the session's earlier messages whose facts are rehearsed with a turn's
     if new_facts and spec.rehearsal_steps:
         keys = {f.key for f in new_facts}
-        earlier = [f for f in extract_facts("\n".join(users[-20:-1])) if f.key not in keys]
+        earlier = [f for f in extract_facts("\n".join(before)) if f.key not in keys]
         return _rehearse(model, tokenizer, spec, state, frozen, new_facts, earlier, turn, len(users), anchor_ids,
                          spec.rehearsal_steps, spec.rehearsal_extra_steps)
     state, report = update_on_examples(model, spec, state, frozen, [chat_example(tokenizer, turn, ("user",))])
-    stated = [i for i, text in enumerate(users[-20:-1]) if extract_facts(text)]
-    since = len(users[-20:-1]) - stated[-1] if stated else 0  # turns since the last fact, this one included
+    stated = [i for i, text in enumerate(before) if extract_facts(text)]
+    since = len(before) - stated[-1] if stated else 0  # turns since the last fact, this one included
     if not (spec.replay_steps and spec.rehearsal_steps and 0 < since <= spec.replay_turns
             and report.accepted):
         return state, report
     # Spaced rehearsal: the facts were rehearsed while they were new; a few turns on, once
     # more (the last fact of a session otherwise gets one turn's steps).
-    session = extract_facts("\n".join(users[-20:-1]))
+    session = extract_facts("\n".join(before))
     return _rehearse(model, tokenizer, spec, state, frozen, [], session, turn, len(users), anchor_ids,
                      spec.replay_steps, 0)
 
