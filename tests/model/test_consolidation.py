@@ -331,6 +331,39 @@ def test_a_consolidation_trains_on_until_its_answers_are_said_and_no_further(tin
     assert report.steps_kept == 6 and int(new.step) == 6
 
 
+def test_on_policy_questions_are_asked_again_after_each_extension_round_when_refreshing(tiny, monkeypatch):
+    from dataclasses import replace
+
+    import nsam.model.consolidation as consolidation
+
+    spec = tiny.levels.get("user")
+    fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+    transcript = [{"role": "user", "content": "My brother's name is Oskavel. My dog's name is Rex."},
+                  {"role": "assistant", "content": "Noted."}]
+    asked = []  # (steps the answering level has trained, questions)
+    answer = consolidation._on_policy_negatives
+
+    def recording(model, tokenizer, spec, levels, parent, questions, tokens):
+        asked.append((int(levels[0].step), list(questions)))
+        return answer(model, tokenizer, spec, levels, parent, questions, tokens)
+
+    monkeypatch.setattr(consolidation, "_on_policy_negatives", recording)
+    monkeypatch.setattr(consolidation, "answers_said", lambda model, spec, level, examples: 0.5)  # never said
+    config = replace(tiny.consolidation, steps=4, on_policy_at=(2,), extra_steps=4, learn_every=2, on_policy_probes=6,
+                     on_policy_owners="embedding", on_policy_owners_per_fact=3, probe_ppl_budget=10.0,
+                     max_forgetting=10.0)
+    consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids, tiny.probe_ids,
+                              config)
+    assert [steps for steps, _ in asked] == [2]  # by default once, at on_policy_at
+    questions = asked[0][1]
+    assert len(questions) == 6 and not any("brother's" in q or "dog's" in q for q in questions)
+    asked.clear()
+    consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids, tiny.probe_ids,
+                              replace(config, on_policy_refresh=True))
+    assert [steps for steps, _ in asked] == [2, 6]  # and after the extension's first round (not after its last)
+    assert all(q == questions for _, q in asked)
+
+
 def test_a_slot_pool_covers_more_near_misses_a_batch_per_step_at_the_same_cost(real_model):
     from dataclasses import replace
 
