@@ -564,16 +564,19 @@ class ConsolidationConfig:
     # On-policy negatives: at these steps, answer untaught questions with the level being trained
     # and pull it towards the frozen model along its own answers (value positions included).
     on_policy_at: tuple[int, ...] = (6,)
-    on_policy_probes: int = 4
+    on_policy_probes: int = 10
     on_policy_tokens: int = 12
     on_policy_weight: float = 1.0
-    # Near misses the on-policy questions ask about: "" the slots' owners (`near_owners`), or
-    # "embedding" with `on_policy_owners_per_fact` of them a taught name ("uncle" after "brother",
-    # "horse" after "dog": where a value leaks first). `on_policy_refresh`: ask them again with
-    # the level after every extension round too and pull along those answers instead, so a leak
-    # that appears only once the taught answers are said is pulled back as well.
-    on_policy_owners: str = ""
-    on_policy_owners_per_fact: int = 0
+    # Near misses the on-policy questions ask about: "embedding", up to `on_policy_owners_per_fact`
+    # of the backbone's nearest words per taught owner ("uncle" after "brother", "horse" after
+    # "dog": where a value leaks first), or "" the slots' owners (`near_owners`). Stop 20, 10
+    # users' first consolidations: 10 such questions against 4 from the relations list took false
+    # binding 20% -> 14%, recall 89% -> 90%, general ppl +0.85% -> +0.71% (benchmarks/README.md).
+    on_policy_owners: str = "embedding"
+    on_policy_owners_per_fact: int = 3
+    # Ask them again after every extension round and pull along the new answers instead. Off: the
+    # nearest words include the owner's synonyms ("puppy" for a dog), and asked once the level
+    # says the taught answer they pull it back (stop 20: recall 71%, false binding 12%).
     on_policy_refresh: bool = False
     # Other owners in the near-miss slots and questions: "embedding" (the backbone's nearest words
     # to a taught owner: sister -> brother, cousin, nephew) or "relations" (a fixed list). Stop 10,
