@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from episodes import make_episodes
-from learning import DEFAULT_GENERAL, Chat, ask, false_bound, log, mean_loss, score
+from learning import DEFAULT_GENERAL, Chat, ask, false_bound, log, mean_loss, score, unguarded
 from nsam.model.runtime import NsamModel
 
 
@@ -79,24 +79,30 @@ def main() -> None:
             values[key] = [f.value for f in e.facts]
         out = ask(m, chat, questions, session, 256)
         answers.update(out)
+        with unguarded(m):  # the user level alone
+            raw = ask(m, chat, questions, session, 256)
+        answers.update({f"{k}|unguarded": v for k, v in raw.items()})
         row = {"user": e.user, "accepted": report.accepted, "reason": report.reason, "step_scale": report.step_scale,
                "steps_kept": report.steps_kept, "steps_trained": report.steps_trained,
                "answers_said": report.answers_said, "probe_change": report.probe_loss / report.baseline_probe_loss - 1,
                "recall": score(out, expected), "false_binding": false_bound(out, untaught, values),
+               "recall_unguarded": score(raw, expected), "false_binding_unguarded": false_bound(raw, untaught, values),
                "general_ppl_change": math.exp(mean_loss(m, general, level) - frozen_loss) - 1,
                "seconds": seconds}
         rows.append(row)
         mean = _write(args, m, overrides, rows, answers)
-        log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%}, general ppl "
+        log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%} (without the binding "
+            f"guard {row['recall_unguarded']:.0%}, {row['false_binding_unguarded']:.0%}), general ppl "
             f"{row['general_ppl_change']:+.2%}, {report.reason}, {report.steps_kept} of {report.steps_trained} steps "
             f"x{report.step_scale:g}, rehearsed answers said {report.answers_said:.0%}, {seconds:.0f}s")
-    log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%}, "
+    log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%} "
+        f"(without the binding guard {mean['recall_unguarded']:.0%}, {mean['false_binding_unguarded']:.0%}), "
         f"general ppl {mean['general_ppl_change']:+.2%} (frozen model: recall 0, ppl change 0)")
 
 
 def _write(args, m: NsamModel, overrides: dict, rows: list[dict], answers: dict) -> dict:
     """The means so far, also written to --json after every user: a run cut short keeps its figures."""
-    keys = ("recall", "false_binding", "general_ppl_change", "seconds")
+    keys = ("recall", "false_binding", "recall_unguarded", "false_binding_unguarded", "general_ppl_change", "seconds")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,12 +84,14 @@ class Chat:
         self.decode_tokens = 0
 
     def run(self, requests: list[tuple]) -> dict[str, tuple[str, bytes]]:
-        """requests: (id, prompt ids, session state[, fresh tokens]) -> id -> (reply text, session
-        state after). Fresh tokens: the prompt's trailing tokens new to the session (as the
-        server passes them: the fast level writes only those); all when not given."""
+        """requests: (id, prompt ids, session state[, fresh tokens[, messages]]) -> id -> (reply
+        text, session state after). Fresh tokens: the prompt's trailing tokens new to the session
+        (as the server passes them: the fast level writes only those); all when not given.
+        Messages: what the prompt was made from (as the server passes them: the reply holds taught
+        values to their owners, `model/binding.py`); without them, the levels alone."""
         texts = {r[0]: "" for r in requests}
-        for rid, ids, state, *fresh in requests:
-            self.gen.add(rid, ids, state, SamplingParams(max_tokens=self.max_tokens), *fresh)
+        for rid, ids, state, *rest in requests:
+            self.gen.add(rid, ids, state, SamplingParams(max_tokens=self.max_tokens), *rest)
         while self.gen.has_work():
             running = len(self.gen.inner.running)
             t0 = time.perf_counter()
@@ -100,6 +103,16 @@ class Chat:
             for e in events:
                 texts[e.request_id] += e.text
         return {r[0]: (texts[r[0]].strip(), self.gen.pop_state(r[0])[0]) for r in requests}
+
+
+@contextmanager
+def unguarded(m: NsamModel):
+    """Replies without the binding guard: what the levels say on their own."""
+    m.binding_guard = False
+    try:
+        yield
+    finally:
+        m.binding_guard = True
 
 
 def window_prompt(m: NsamModel, messages: list[dict], window: int, hidden: list[str]) -> tuple[list[int], int]:
@@ -210,7 +223,7 @@ def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states:
             if t < len(turns[e.user]):
                 history[e.user].append({"role": "user", "content": turns[e.user][t]})
                 ids, fresh = m.encode_turn(history[e.user], window)
-                reqs.append((e.user, ids, states[e.user], fresh))
+                reqs.append((e.user, ids, states[e.user], fresh, list(history[e.user])))
         out = chat.run(reqs)
         for rid, (text, state) in out.items():
             history[rid].append({"role": "assistant", "content": text})
@@ -271,7 +284,7 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
         for turn in [f.statement for f in facts]:
             hist.append({"role": "user", "content": turn})
             ids, fresh = m.encode_turn(hist, args.window)
-            reply, state = chat.run([("long", ids, state, fresh)])["long"]
+            reply, state = chat.run([("long", ids, state, fresh, list(hist))])["long"]
             hist.append({"role": "assistant", "content": reply})
             state, _ = m.update_medium(state, hist)
         user, rep = m.consolidate(user, state, hist)
@@ -305,7 +318,8 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
 
 def ask(m: NsamModel, chat: Chat, questions: dict[str, str], state: bytes, window: int) -> dict[str, str]:
     """Each question alone in the prompt of `state`'s session, as session 2 is asked: id -> answer."""
-    reqs = [(k, m.encode_chat([{"role": "user", "content": q}], window), state) for k, q in questions.items()]
+    reqs = [(k, m.encode_chat(msgs, window), state, None, msgs)
+            for k, msgs in ((k, [{"role": "user", "content": q}]) for k, q in questions.items())]
     return {k: v[0] for k, v in chat.run(reqs).items()}
 
 
@@ -478,15 +492,15 @@ def main() -> None:
         for f in e.facts:
             for j, q in enumerate(f.questions):
                 rid = f"{e.user}|in|{f.attribute}|{j}"
-                ids, fresh = window_prompt(m, history[e.user] + [{"role": "user", "content": q}], args.window,
-                                           values[e.user])
-                reqs.append((rid, ids, states[e.user], fresh))
+                msgs = history[e.user] + [{"role": "user", "content": q}]
+                ids, fresh = window_prompt(m, msgs, args.window, values[e.user])
+                reqs.append((rid, ids, states[e.user], fresh, msgs))
                 expected[rid] = f.value
                 meta[rid], asked[rid] = ids, (e.user, q)
         for j, q in enumerate(e.untaught):  # never taught: must not get one of the user's values
-            ids, fresh = window_prompt(m, history[e.user] + [{"role": "user", "content": q}], args.window,
-                                       values[e.user])
-            untaught_reqs.append((f"{e.user}|inU|{j}", ids, states[e.user], fresh))
+            msgs = history[e.user] + [{"role": "user", "content": q}]
+            ids, fresh = window_prompt(m, msgs, args.window, values[e.user])
+            untaught_reqs.append((f"{e.user}|inU|{j}", ids, states[e.user], fresh, msgs))
     t0 = time.perf_counter()
     fresh_session = m.new_session_state(None)
     ans_in = {k: v[0] for k, v in chat.run(reqs + untaught_reqs).items()}
@@ -502,6 +516,11 @@ def main() -> None:
     in_untaught = [r[0] for r in untaught_reqs]
     in_session_binding = false_bound(ans_in, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
     in_session_recall = score(ans_in, expected)
+    with unguarded(m):  # the same questions, the levels alone
+        ans_raw = {k: v[0] for k, v in chat.run(reqs + untaught_reqs).items()}
+    details["in_session_recall_unguarded"] = score(ans_raw, expected)
+    details["in_session_false_binding_unguarded"] = false_bound(
+        ans_raw, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
     in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
     details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)
     details["in_session_false_binding"] = in_session_binding
@@ -514,7 +533,9 @@ def main() -> None:
                                       for k in [r[0] for r in reqs + untaught_reqs] if k.split("|")[0] in shown}
     log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}), "
         f"untaught questions answered with a taught value {in_session_binding:.0%}; the same questions with none "
-        f"of the session in the prompt {in_session_alone:.0%} [{time.perf_counter() - t0:.0f}s]")
+        f"of the session in the prompt {in_session_alone:.0%}; without the binding guard: recall "
+        f"{details['in_session_recall_unguarded']:.0%}, untaught answered with a taught value "
+        f"{details['in_session_false_binding_unguarded']:.0%} [{time.perf_counter() - t0:.0f}s]")
 
     # 3-4) consolidation at session end; session 2; the prompt baselines.
     cross = fb = changed = user_state_bytes = None
@@ -619,9 +640,10 @@ def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, histor
     def session2(with_learning: bool):
         reqs = []
         for e, k, q in questions:
-            ids = m.encode_chat([{"role": "user", "content": q}], args.window)
-            reqs.append((k, ids, learned_session[e.user] if with_learning else fresh_session))
-            reqs.append((k + "|bystander", ids, fresh_session))
+            msgs = [{"role": "user", "content": q}]
+            ids = m.encode_chat(msgs, args.window)
+            reqs.append((k, ids, learned_session[e.user] if with_learning else fresh_session, None, msgs))
+            reqs.append((k + "|bystander", ids, fresh_session, None, msgs))
         out = {}
         for i in range(0, len(reqs), args.batch):  # each chunk keeps (user, bystander) pairs together
             out.update({k: v[0] for k, v in chat.run(reqs[i:i + args.batch]).items()})
@@ -631,12 +653,17 @@ def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, histor
     ans_frozen = session2(False)
     cross = score(ans_learned, cross_expected)
     fb = false_bound(ans_learned, untaught_keys, taught_values)
+    with unguarded(m):  # the user level alone
+        ans_raw = session2(True)
+    details["cross_session_recall_unguarded"] = score(ans_raw, cross_expected)
+    details["false_binding_unguarded"] = false_bound(ans_raw, untaught_keys, taught_values)
     changed = sum(ans_learned[k + "|bystander"] != ans_frozen[k + "|bystander"] for _, k, _ in questions)
     details["cross_session_recall_by_attribute"] = recall_by_attribute(ans_learned, cross_expected)
     log("  cross-session recall by attribute: " + ", ".join(
         f"{a} {r:.0%}" for a, r in details["cross_session_recall_by_attribute"].items()))
-    log(f"cross-session recall {cross:.0%}, false binding {fb:.0%}, other-user changes {changed} "
-        f"[{time.perf_counter() - t0:.0f}s]")
+    log(f"cross-session recall {cross:.0%}, false binding {fb:.0%}, other-user changes {changed}; without the "
+        f"binding guard: recall {details['cross_session_recall_unguarded']:.0%}, false binding "
+        f"{details['false_binding_unguarded']:.0%} [{time.perf_counter() - t0:.0f}s]")
 
     # baselines: frozen; statements in the prompt; retrieval of the top-3 past messages.
     base = {"frozen": {"cross_session_recall": score(ans_frozen, cross_expected),
@@ -659,7 +686,8 @@ def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, histor
                       "false_binding": false_bound(out, untaught_keys, taught_values)}
         log(f"baseline {name}: recall {base[name]['cross_session_recall']:.0%}, "
             f"false binding {base[name]['false_binding']:.0%}")
-    details["examples"] = {k: {"expected": cross_expected.get(k), "learned": ans_learned[k], "frozen": ans_frozen[k]}
+    details["examples"] = {k: {"expected": cross_expected.get(k), "learned": ans_learned[k], "unguarded": ans_raw[k],
+                               "frozen": ans_frozen[k]}
                            for _, k, _ in questions[:2 * (args.facts * 2 + 5)]}
     return cross, fb, changed, user_state_bytes, base
 

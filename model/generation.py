@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .backbone import PackedLayout, Transformer
+from .binding import BindingGuard
 from .levels import (AssociativeState, BatchLevels, FastLevelRunner, FastMemory, LevelsConfig,
                      LoraState, stack_lora)
 from .sampling import SamplingParams, sample_batch
@@ -38,6 +39,7 @@ class _Running:
     fast: FastLevelRunner | None
     generator: torch.Generator | None
     decoder: StreamDecoder
+    guard: BindingGuard | None = None
     output: list[int] = field(default_factory=list)
     text: str = ""
     position: int = 0  # next cache position to write
@@ -66,10 +68,10 @@ class Generator:
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], levels: dict[str, object] | None,
-            params: SamplingParams, fresh_tokens: int | None = None) -> None:
+            params: SamplingParams, fresh_tokens: int | None = None, guard: BindingGuard | None = None) -> None:
         """`levels` maps level name -> state (LoraState / AssociativeState); None = frozen.
         `fresh_tokens`: how many trailing prompt tokens are new to this session (the fast level
-        writes only those; None: all)."""
+        writes only those; None: all). `guard`: taught values held to their owners (`binding`)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.max_seq:
@@ -92,7 +94,7 @@ class Generator:
                                    in_context=max(0, old) if fresh_tokens is not None else None)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.waiting.append(_Running(request_id, -1, list(prompt_ids), params, lora, fast, gen,
-                                     StreamDecoder(self.tokenizer)))
+                                     StreamDecoder(self.tokenizer), guard or None))
 
     def cancel(self, request_id: str) -> None:
         for r in list(self.waiting):
@@ -183,6 +185,10 @@ class Generator:
     def _sample(self, batch: list[_Running], logits: Tensor) -> None:
         histories = [torch.tensor(r.prompt + r.output) if r.params.repetition_penalty != 1.0 else None
                      for r in batch]
+        for i, r in enumerate(batch):
+            blocked = r.guard.blocked() if r.guard is not None else None
+            if blocked:
+                logits[i, blocked] = float("-inf")
         picked = sample_batch(logits, [r.params for r in batch], [r.generator for r in batch], histories)
         for r, t in zip(batch, picked):
             r.next_token = t
@@ -193,7 +199,10 @@ class Generator:
         if token in self.tokenizer.eos_token_ids or token in r.params.stop_token_ids:
             return self._retire(r, "stop", token, r.text + r.decoder.flush())
         r.output.append(token)
-        buffer = r.text + r.decoder.push(token)  # r.text: text held back from earlier steps
+        piece = r.decoder.push(token)
+        if r.guard is not None:
+            r.guard.push(piece)
+        buffer = r.text + piece  # r.text: text held back from earlier steps
         for s in r.params.stop:
             at = buffer.find(s)
             if at != -1:  # emit only what precedes the stop string

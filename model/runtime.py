@@ -18,8 +18,9 @@ import torch
 
 from . import config as configs
 from .backbone import Transformer
+from .binding import BindingGuard, VocabularyIndex
 from .consolidation import ConsolidationConfig, ConsolidationReport, consolidate, learn_turn
-from .facts import Fact
+from .facts import Fact, extract_facts
 from .generation import Generator as _Generator
 from .generation import TokenEvent
 from .levels import AssociativeState, FastLevelRunner, FastMemory, LevelSpec, LevelsConfig, default_levels, new_state
@@ -95,6 +96,9 @@ class NsamModel:
         self.model, self.tokenizer, self.levels, self.source = model, tokenizer, levels, source
         self.context_window = min(context_window, model.config.max_seq_len)
         self.consolidation = consolidation
+        # Hold taught values to their owners while decoding (`binding`); off: the levels alone.
+        self.binding_guard = True
+        self._vocabulary: VocabularyIndex | None = None
         fast_spec = next((s for s in levels.levels if s.rule == "associative"), None)
         self.fast_params = None
         if fast_spec is not None:
@@ -167,7 +171,9 @@ class NsamModel:
         user = self._read(user_state, "user").levels["user"] if user_state else self._new_level("user")
         levels = {name: self._new_level(name) for name in self.levels.names() if name != "user"}
         levels["user"] = user_snapshot(user)
-        return MemoryState("session", levels).to_bytes(self.fingerprint, self.levels)
+        # The user's facts travel with the session: its replies hold their values to their owners.
+        facts = self._read(user_state, "user").facts if user_state else ()
+        return MemoryState("session", levels, facts).to_bytes(self.fingerprint, self.levels)
 
     def check_state(self, data: bytes, kind: str) -> None:
         self._read(data, kind)
@@ -175,6 +181,21 @@ class NsamModel:
     def user_facts(self, user_state: bytes) -> list[Fact]:
         """What the user level was taught (the latest value of each fact), oldest first."""
         return list(self._read(user_state, "user").facts)
+
+    def binding_guard_for(self, state: MemoryState, messages: list[dict[str, str]]) -> BindingGuard | None:
+        """The guard of a reply to `messages` (the session so far, ending with the user's
+        message): the user level's facts and those stated in the session, each value held to its
+        owner (`binding`). None when off or nothing was taught."""
+        if not self.binding_guard or not messages:
+            return None
+        said = "\n".join(m["content"] for m in messages if m["role"] == "user")
+        facts = [*state.facts, *extract_facts(said)]
+        if not facts:
+            return None
+        if self._vocabulary is None:
+            self._vocabulary = VocabularyIndex(self.tokenizer, self.model.embed_tokens.num_embeddings)
+        question = messages[-1]["content"] if messages[-1]["role"] == "user" else ""
+        return BindingGuard(self._vocabulary, facts, question) or None
 
     def _read(self, data: bytes, kind: str) -> MemoryState:
         return MemoryState.from_bytes(data, self.fingerprint, self.levels, kind)
@@ -250,10 +271,13 @@ class Generator:
         self.started: dict[str, float] = {}
 
     def add(self, request_id: str, prompt_ids: list[int], session_state: bytes, params: SamplingParams,
-            fresh_tokens: int | None = None) -> None:
+            fresh_tokens: int | None = None, messages: list[dict[str, str]] | None = None) -> None:
+        """`messages`: the session so far the prompt was made from (ending with the user's
+        message); with them the reply holds taught values to their owners (`binding`)."""
         params.validate()
         state = self.owner._read(session_state, "session")
-        self.inner.add(request_id, prompt_ids, state.levels, params, fresh_tokens)
+        guard = self.owner.binding_guard_for(state, messages) if messages is not None else None
+        self.inner.add(request_id, prompt_ids, state.levels, params, fresh_tokens, guard)
         self.states[request_id] = state
         self.started[request_id] = time.perf_counter()
 

@@ -105,6 +105,7 @@ class _Turn:
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     fresh_tokens: int | None = None  # trailing prompt tokens new to the session
+    messages: list[dict[str, str]] | None = None  # what the prompt was made from (the binding guard)
 
     def deliver(self, items: list[Any]) -> None:
         try:
@@ -141,14 +142,15 @@ class ModelThread:
         self._inbox.put(("call", (fn, args, future)))
         return await asyncio.wrap_future(future)
 
-    async def generate(self, prompt_ids: list[int], state: bytes,
-                       params: Any, fresh_tokens: int | None = None) -> AsyncIterator[Any]:
+    async def generate(self, prompt_ids: list[int], state: bytes, params: Any, fresh_tokens: int | None = None,
+                       messages: list[dict[str, str]] | None = None) -> AsyncIterator[Any]:
         """Streams TokenEvents of one turn, then one TurnEnd. Closing the iterator early
-        cancels the turn."""
+        cancels the turn. `messages`: the session the prompt was made from; with them the reply
+        holds the user's taught values to their owners."""
         if self._generator is None or self._stopped.is_set():
             raise Unavailable("the model is not serving generation now")
         turn = _Turn(f"t{next(self._ids)}", prompt_ids, state, params, asyncio.Queue(),
-                     asyncio.get_running_loop(), fresh_tokens)
+                     asyncio.get_running_loop(), fresh_tokens, messages)
         self._inbox.put(("add", turn))
         finished = False
         try:
@@ -224,7 +226,7 @@ class ModelThread:
             turn = self._pending.popleft()
             try:
                 self._generator.add(turn.request_id, turn.prompt_ids, turn.state, turn.params,
-                                    turn.fresh_tokens)
+                                    turn.fresh_tokens, turn.messages)
             except Exception as exc:  # noqa: BLE001 - e.g. a state the model refuses
                 turn.deliver([exc])
                 continue
@@ -387,7 +389,7 @@ class Engine:
             end: TurnEnd | None = None
             last = None
             async with contextlib.aclosing(
-                    self.thread.generate(prompt, session.state, params, fresh)) as events:
+                    self.thread.generate(prompt, session.state, params, fresh, messages)) as events:
                 async for item in events:
                     if isinstance(item, TurnEnd):
                         end = item

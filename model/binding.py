@@ -1,0 +1,148 @@
+"""The binding guard: a value the user taught is said only next to what it belongs to.
+
+The levels learn "Your sister's name is Taetil" and, in part, "a name asked for -> Taetil": asked
+about a grandmother never named, a level may answer "Your grandmother's name is Taetil" (false
+binding; stop 20: 14% of the never-taught questions after a consolidation). The facts the levels
+were taught are known (extracted from what the user wrote), so decoding can hold each value to
+its owner: while neither the user's message nor the reply's current sentence names the owner
+("sister"; "live" or "home" for where the user lives), the tokens that would spell the value are
+masked and the model says what it would say otherwise. The levels' answers are unchanged
+wherever they name the owner, so recall loses only what a reply says without naming it.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .facts import Fact
+
+_WORD = re.compile(r"[^\W\d_]+")
+_SENTENCE_END = re.compile(r"[.!?\n]\s")
+# Words of an answer or key that do not tell one owner from another.
+_GENERIC = frozenset("""
+a an the my your you i is are was were be in at on of to for from and or with as called named name
+favourite favorite best little old new this that these those
+""".split())
+def _fold(text: str) -> str:
+    """Lower case without accents: "Café" and "cafe" name the same owner."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c))
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(_fold(text)) if len(w) > 1}  # not the "s" of "sister's"
+
+
+@dataclass(frozen=True)
+class BoundValue:
+    value: str  # folded
+    owners: frozenset[str]  # words that name what the value belongs to
+    hold_at: int  # characters of the value said before it is held back
+
+
+def bound_value(fact: Fact) -> BoundValue | None:
+    """The fact's value and the words naming its owner: those of its key and of its answer,
+    the value and generic words left out ("sister's name" -> sister; "home", "You live in
+    Brisk." -> home, live)."""
+    value = _fold(fact.value).strip()
+    if not value:
+        return None
+    owners = frozenset((_words(fact.key) | _words(fact.answer.replace(fact.value, " "))) - _GENERIC - _words(value))
+    if not owners:
+        return None
+    first = value.split()[0]
+    if first != value:
+        hold_at = len(first) + 2  # past its first word ("New" is a word of its own)
+    elif value.isdigit():
+        hold_at = len(value)  # "15 minutes" is not a locker code "1504"
+    elif value.isalpha():
+        hold_at = 2  # from a name's second letter: "Taettil" would be "Taetil" all the same
+    else:
+        hold_at = 3  # a code's
+    hold_at = min(hold_at, len(value))
+    return BoundValue(value, owners, hold_at)
+
+
+class VocabularyIndex:
+    """Token ids by the folded text they add, for finding the tokens that continue a value
+    without decoding the vocabulary at every step. Built once per tokenizer."""
+
+    def __init__(self, tokenizer, size: int):
+        self.text: list[str] = []
+        self.by_core: dict[str, list[int]] = defaultdict(list)  # letters/digits a token adds -> ids
+        for t in range(size):
+            piece = _fold(tokenizer.decode([t]))
+            self.text.append(piece)
+            core = piece.lstrip(" \"'*(“‘`")
+            if core:
+                self.by_core[core].append(t)
+                alnum = re.match(r"[\w-]+", core)
+                if alnum and alnum.end() < len(core):  # "il." ends a value: indexed by "il" too
+                    self.by_core[core[:alnum.end()]].append(t)
+
+    def candidates(self, value: str) -> frozenset[int]:
+        """Tokens whose text is part of `value` (possibly ending it and going on past it)."""
+        found: set[int] = set()
+        for i in range(len(value)):
+            for j in range(i + 1, len(value) + 1):
+                found.update(self.by_core.get(value[i:j], ()))
+        return frozenset(found)
+
+
+class BindingGuard:
+    """One reply's guard: `push` the reply's text as it is decoded, `blocked` gives the token ids
+    to mask before the next token is picked."""
+
+    def __init__(self, index: VocabularyIndex, facts: Iterable[Fact], message: str):
+        self.index = index
+        said = _fold(message)
+        asked = _words(message)
+        self.held: list[tuple[BoundValue, frozenset[int]]] = []
+        for fact in facts:
+            bound = bound_value(fact)
+            # Named in the user's message (its owner or the value itself): free in the whole reply.
+            if bound is None or bound.owners & asked or bound.value in said:
+                continue
+            if all(bound.value != b.value for b, _ in self.held):
+                self.held.append((bound, index.candidates(bound.value)))
+        self.sentence = ""  # folded text of the reply's current sentence
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+    def push(self, text: str) -> None:
+        sentence = self.sentence + _fold(text)
+        ends = list(_SENTENCE_END.finditer(sentence))
+        self.sentence = sentence[ends[-1].end():] if ends else sentence
+
+    def blocked(self) -> list[int]:
+        owners_named = _words(self.sentence)
+        out: list[int] = []
+        for bound, candidates in self.held:
+            if bound.owners & owners_named:
+                continue
+            out.extend(t for t in candidates if _would_say(self.sentence, self.index.text[t], bound))
+        return out
+
+
+def _would_say(sentence: str, piece: str, bound: BoundValue) -> bool:
+    """Whether `piece` after `sentence` would say `bound.hold_at` or more characters of the
+    value from the start of a word, the piece's own among them."""
+    value = bound.value
+    before = sentence[-(len(value) + 1):]
+    text = before + piece
+    first = 0 if len(before) == len(sentence) else 1  # text[0] may be the middle of a word
+    for start in range(first, len(text)):
+        if start and text[start - 1].isalnum():
+            continue  # a value starts a word
+        tail = text[start:]
+        said = 0
+        while said < min(len(tail), len(value)) and tail[said] == value[said]:
+            said += 1
+        whole = said == len(tail) or said == len(value)  # the tail is the value's start, or has all of it
+        if whole and said >= bound.hold_at and start + said > len(before):
+            return True
+    return False
