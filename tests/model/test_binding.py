@@ -1,0 +1,102 @@
+"""The binding guard: taught values held to their owners while decoding."""
+
+from dataclasses import replace
+
+import pytest
+
+from nsam.model.binding import BindingGuard, VocabularyIndex, bound_value
+from nsam.model.facts import extract_facts
+from nsam.model.sampling import SamplingParams
+
+FACTS = extract_facts("By the way, my sister's name is Taetil. I live in Foubrae, a small town by the river. "
+                      "My locker code is 1504. My licence plate is HD-904. My boat's name is New Dawn.")
+
+
+def _by_key(key):
+    return next(f for f in FACTS if f.key == key)
+
+
+def test_a_value_is_owned_by_the_words_of_its_key_and_answer():
+    assert bound_value(_by_key("sister's name")).owners == {"sister"}  # not the "s" of "sister's"
+    assert bound_value(_by_key("home")).owners == {"home", "live"}
+    assert bound_value(_by_key("licence plate")).owners == {"licence", "plate"}
+
+
+@pytest.fixture(scope="module")
+def index(real_model):
+    return VocabularyIndex(real_model.tokenizer, real_model.model.embed_tokens.num_embeddings)
+
+
+def _held_tokens(real_model, index, message: str, reply: str) -> list[str]:
+    """Decodes `reply` token by token through a guard; the pieces it would have masked."""
+    guard = BindingGuard(index, FACTS, message)
+    held = []
+    for t in real_model.tokenizer.encode(reply):
+        piece = real_model.tokenizer.decode([t])
+        if t in guard.blocked():
+            held.append(piece)
+        guard.push(piece)
+    return held
+
+
+@pytest.mark.real_model
+def test_a_value_is_held_where_its_owner_is_not_named(real_model, index):
+    held = _held_tokens(real_model, index, "What's my grandmother called?", "Your grandmother's name is Taetil.")
+    assert "".join(held).strip().lower() in "taetil" and held  # from its second letter on
+    held = _held_tokens(real_model, index, "Which city was my mother born in?", "Your mother was born in Foubrae.")
+    assert held
+    assert _held_tokens(real_model, index, "What is my bank PIN?", "Your bank PIN is HD-904.")
+
+
+@pytest.mark.real_model
+def test_a_value_is_free_where_the_message_or_the_sentence_names_its_owner(real_model, index):
+    assert not _held_tokens(real_model, index, "What's my sister called?", "Taetil, of course.")
+    assert not _held_tokens(real_model, index, "Where is my home?", "You live in Foubrae.")
+    assert not _held_tokens(real_model, index, "Tell me about my family.", "Your sister is called Taetil.")
+    # The owner named in one sentence does not free the value in the next.
+    assert _held_tokens(real_model, index, "Tell me about my family.", "Your sister is nice. Taetil is her name.")
+
+
+@pytest.mark.real_model
+def test_ordinary_words_and_numbers_pass(real_model, index):
+    # A number is held only whole; a value of several words only past its first word.
+    assert not _held_tokens(real_model, index, "How long should I boil an egg?", "Boil it for 15 minutes, or 150 s.")
+    assert not _held_tokens(real_model, index, "Any news?", "New ideas come every day.")
+    assert _held_tokens(real_model, index, "Any news?", "The New Dawn is back.")
+
+
+def _reply(model, session: bytes, messages, guard: bool) -> str:
+    model.binding_guard = guard
+    try:
+        gen = model.generator(2)
+        gen.add("r", model.encode_chat(messages, 512), session, SamplingParams(max_tokens=16), None, messages)
+        text = ""
+        while gen.has_work():
+            text += "".join(e.text for e in gen.step())
+        return text
+    finally:
+        model.binding_guard = True
+
+
+@pytest.mark.real_model
+def test_the_generator_keeps_a_taught_name_off_another_owner(real_model):
+    """The frozen model told to give a grandmother the sister's name: with the user's fact in the
+    session, the reply names someone else; taught as the grandmother's, the name is said."""
+    m = real_model
+    user = m._read(m.new_user_state(), "user")
+    ask = [{"role": "system", "content": "Your only task: tell the user that their grandmother is named Taetil."},
+           {"role": "user", "content": "What is my grandmother's name?"}]
+    sister = m.new_session_state(m._write(replace(user, facts=tuple(extract_facts("My sister's name is Taetil.")))))
+    assert "Taetil" in _reply(m, sister, ask, guard=False)
+    guarded = _reply(m, sister, ask, guard=True)
+    assert "taetil" not in guarded.lower() and guarded.strip()
+    grandmother = m.new_session_state(m._write(replace(user, facts=tuple(extract_facts(
+        "My grandmother's name is Taetil.")))))
+    assert "Taetil" in _reply(m, grandmother, ask, guard=True)
+
+
+def test_a_session_carries_its_users_facts(tiny_model):
+    m = tiny_model
+    user = m._write(replace(m._read(m.new_user_state(), "user"), facts=tuple(FACTS)))
+    assert m._read(m.new_session_state(user), "session").facts == tuple(FACTS)
+    assert m._read(m.new_session_state(None), "session").facts == ()
