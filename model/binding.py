@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from .facts import Fact
 
 _WORD = re.compile(r"[^\W\d_]+")
-_SENTENCE_END = re.compile(r"[.!?\n]\s")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 # Words of an answer or key that do not tell one owner from another.
 _GENERIC = frozenset("""
 a an the my your you i is are was were be in at on of to for from and or with as called named name
 favourite favorite best little old new this that these those
 """.split())
+
+
 def _fold(text: str) -> str:
     """Lower case without accents: "Café" and "cafe" name the same owner."""
     return "".join(c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c))
