@@ -102,14 +102,14 @@ class BindingGuard:
         self.index = index
         said = _fold(message)
         asked = _words(message)
-        self.held: list[tuple[BoundValue, frozenset[int]]] = []
+        self.held: list[tuple[BoundValue, frozenset[int], dict[int | None, list[int]]]] = []
         for fact in facts:
             bound = bound_value(fact)
             # Named in the user's message (its owner or the value itself): free in the whole reply.
             if bound is None or bound.owners & asked or bound.value in said:
                 continue
-            if all(bound.value != b.value for b, _ in self.held):
-                self.held.append((bound, index.candidates(bound.value)))
+            if all(bound.value != b.value for b, _, _ in self.held):
+                self.held.append((bound, index.candidates(bound.value), {}))
         self.sentence = ""  # folded text of the reply's current sentence
 
     def __bool__(self) -> bool:
@@ -123,11 +123,27 @@ class BindingGuard:
     def blocked(self) -> list[int]:
         owners_named = _words(self.sentence)
         out: list[int] = []
-        for bound, candidates in self.held:
+        for bound, candidates, by_progress in self.held:
             if bound.owners & owners_named:
                 continue
-            out.extend(t for t in candidates if _would_say(self.sentence, self.index.text[t], bound))
+            # What a next token can add to the value depends only on how much of it the sentence
+            # ends with: the masks are worked out once per value and progress.
+            k = _progress(self.sentence, bound.value)
+            if k not in by_progress:
+                # Inside another word: a run of letters longer than the value stands for it.
+                context = "q" * (len(bound.value) + 2) if k is None else " " + bound.value[:k]
+                by_progress[k] = [t for t in candidates if _would_say(context, self.index.text[t], bound)]
+            out.extend(by_progress[k])
         return out
+
+
+def _progress(sentence: str, value: str) -> int | None:
+    """How many of the value's first characters the sentence ends with, counted from a word's
+    start: 0 at a word boundary, None inside another word."""
+    for k in range(min(len(value) - 1, len(sentence)), 0, -1):
+        if sentence.endswith(value[:k]) and (len(sentence) == k or not sentence[-k - 1].isalnum()):
+            return k
+    return 0 if not sentence or not sentence[-1].isalnum() else None
 
 
 def _would_say(sentence: str, piece: str, bound: BoundValue) -> bool:

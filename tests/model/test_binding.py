@@ -62,6 +62,7 @@ def test_ordinary_words_and_numbers_pass(real_model, index):
     # A number is held only whole; a value of several words only past its first word.
     assert not _held_tokens(real_model, index, "How long should I boil an egg?", "Boil it for 15 minutes, or 150 s.")
     assert not _held_tokens(real_model, index, "Any news?", "New ideas come every day.")
+    assert not _held_tokens(real_model, index, "Any news?", "Vistaetil is a made-up word.")  # inside a word
     assert _held_tokens(real_model, index, "Any news?", "The New Dawn is back.")
 
 
