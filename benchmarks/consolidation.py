@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--anchor", type=Path, nargs="+",
                     help="anchor text file(s) to use instead of the shipped model/presets/anchor_plain.txt")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--states", type=Path, help="also write each user's consolidated state here (USER.safetensors)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -65,6 +66,9 @@ def main() -> None:
         t0 = time.perf_counter()
         user, report = m.consolidate(fresh_user, fresh_session, transcript)
         seconds = time.perf_counter() - t0
+        if args.states:
+            args.states.mkdir(parents=True, exist_ok=True)
+            (args.states / f"{e.user}.safetensors").write_bytes(user)
         level = m._read(user, "user").levels["user"]
         session = m.new_session_state(user)
         questions, expected, untaught, values = {}, {}, [], {}

@@ -102,13 +102,15 @@ class BindingGuard:
         self.index = index
         said = _fold(message)
         asked = _words(message)
-        self.held: list[tuple[BoundValue, frozenset[int], dict[int | None, list[int]]]] = []
+        self.held: list[tuple[BoundValue, frozenset[int], dict[tuple[int | None, int], list[int]]]] = []
+        self.free: list[str] = []  # values the user's message frees for the whole reply
         for fact in facts:
             bound = bound_value(fact)
-            # Named in the user's message (its owner or the value itself): free in the whole reply.
-            if bound is None or bound.owners & asked or bound.value in said:
+            if bound is None:
                 continue
-            if all(bound.value != b.value for b, _, _ in self.held):
+            if bound.owners & asked or bound.value in said:  # its owner or the value itself named
+                self.free.append(bound.value)
+            elif all(bound.value != b.value for b, _, _ in self.held):
                 self.held.append((bound, index.candidates(bound.value), {}))
         self.sentence = ""  # folded text of the reply's current sentence
 
@@ -122,18 +124,26 @@ class BindingGuard:
 
     def blocked(self) -> list[int]:
         owners_named = _words(self.sentence)
+        named = [b for b, _, _ in self.held if b.owners & owners_named]
+        free = self.free + [b.value for b in named]
         out: list[int] = []
-        for bound, candidates, by_progress in self.held:
-            if bound.owners & owners_named:
+        for bound, candidates, masks in self.held:
+            if bound in named:
                 continue
+            # A free value that starts like this one ("Shokragaem" asked for, "Shipeibum" held)
+            # is said past their common start before this one is held.
+            hold_at = max([bound.hold_at] + [1 + _common_start(bound.value, f) for f in free])
+            if hold_at > len(bound.value):
+                continue  # all of it starts a free value: nothing tells them apart
             # What a next token can add to the value depends only on how much of it the sentence
-            # ends with: the masks are worked out once per value and progress.
-            k = _progress(self.sentence, bound.value)
-            if k not in by_progress:
+            # ends with: the masks are worked out once per value, progress and hold.
+            key = (_progress(self.sentence, bound.value), hold_at)
+            if key not in masks:
+                k = key[0]
                 # Inside another word: a run of letters longer than the value stands for it.
                 context = "q" * (len(bound.value) + 2) if k is None else " " + bound.value[:k]
-                by_progress[k] = [t for t in candidates if _would_say(context, self.index.text[t], bound)]
-            out.extend(by_progress[k])
+                masks[key] = [t for t in candidates if _would_say(context, self.index.text[t], bound.value, hold_at)]
+            out.extend(masks[key])
         return out
 
 
@@ -146,10 +156,16 @@ def _progress(sentence: str, value: str) -> int | None:
     return 0 if not sentence or not sentence[-1].isalnum() else None
 
 
-def _would_say(sentence: str, piece: str, bound: BoundValue) -> bool:
-    """Whether `piece` after `sentence` would say `bound.hold_at` or more characters of the
-    value from the start of a word, the piece's own among them."""
-    value = bound.value
+def _common_start(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _would_say(sentence: str, piece: str, value: str, hold_at: int) -> bool:
+    """Whether `piece` after `sentence` would say `hold_at` or more characters of `value` from
+    the start of a word, the piece's own among them."""
     before = sentence[-(len(value) + 1):]
     text = before + piece
     first = 0 if len(before) == len(sentence) else 1  # text[0] may be the middle of a word
@@ -157,10 +173,8 @@ def _would_say(sentence: str, piece: str, bound: BoundValue) -> bool:
         if start and text[start - 1].isalnum():
             continue  # a value starts a word
         tail = text[start:]
-        said = 0
-        while said < min(len(tail), len(value)) and tail[said] == value[said]:
-            said += 1
+        said = _common_start(tail, value)
         whole = said == len(tail) or said == len(value)  # the tail is the value's start, or has all of it
-        if whole and said >= bound.hold_at and start + said > len(before):
+        if whole and said >= hold_at and start + said > len(before):
             return True
     return False

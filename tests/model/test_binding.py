@@ -58,6 +58,27 @@ def test_a_value_is_free_where_the_message_or_the_sentence_names_its_owner(real_
 
 
 @pytest.mark.real_model
+def test_a_value_asked_for_passes_another_that_starts_alike(real_model, index):
+    """user06 of the benchmark: the grandmother's "Shokragaem" was held as the start of the
+    brother's "Shipeibum" (stop 21)."""
+    facts = extract_facts("My grandmother's name is Shokragaem. My brother's name is Shipeibum.")
+    tokenizer = real_model.tokenizer
+
+    def held(message, reply):
+        guard = BindingGuard(index, facts, message)
+        out = []
+        for t in tokenizer.encode(reply):
+            out += [t] if t in guard.blocked() else []
+            guard.push(tokenizer.decode([t]))
+        return out
+
+    assert not held("What's my grandmother called?", "Your grandmother's name is Shokragaem.")
+    assert not held("Tell me about my brother.", "Your brother's name is Shipeibum.")
+    assert held("What's my uncle called?", "Your uncle's name is Shokragaem.")
+    assert held("What is my grandmother called?", "Your grandmother's name is Shipeibum.")
+
+
+@pytest.mark.real_model
 def test_ordinary_words_and_numbers_pass(real_model, index):
     # A number is held only whole; a value of several words only past its first word.
     assert not _held_tokens(real_model, index, "How long should I boil an egg?", "Boil it for 15 minutes, or 150 s.")
