@@ -41,6 +41,8 @@ def main() -> None:
                     help="anchor text file(s) to use instead of the shipped model/presets/anchor_plain.txt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--states", type=Path, help="also write each user's consolidated state here (USER.safetensors)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="ask again from the states in --states instead of consolidating (another decoding, the same levels)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,9 +66,13 @@ def main() -> None:
             transcript += [{"role": "user", "content": f.statement},
                            {"role": "assistant", "content": "Got it, I will remember that."}]
         t0 = time.perf_counter()
-        user, report = m.consolidate(fresh_user, fresh_session, transcript)
+        saved = args.states / f"{e.user}.safetensors" if args.states else None
+        if args.reuse and saved is not None and saved.exists():
+            user, report = saved.read_bytes(), None
+        else:
+            user, report = m.consolidate(fresh_user, fresh_session, transcript)
         seconds = time.perf_counter() - t0
-        if args.states:
+        if args.states and report is not None:
             args.states.mkdir(parents=True, exist_ok=True)
             (args.states / f"{e.user}.safetensors").write_bytes(user)
         level = m._read(user, "user").levels["user"]
@@ -86,19 +92,22 @@ def main() -> None:
         with unguarded(m):  # the user level alone
             raw = ask(m, chat, questions, session, 256)
         answers.update({f"{k}|unguarded": v for k, v in raw.items()})
-        row = {"user": e.user, "accepted": report.accepted, "reason": report.reason, "step_scale": report.step_scale,
-               "steps_kept": report.steps_kept, "steps_trained": report.steps_trained,
-               "answers_said": report.answers_said, "probe_change": report.probe_loss / report.baseline_probe_loss - 1,
-               "recall": score(out, expected), "false_binding": false_bound(out, untaught, values),
-               "recall_unguarded": score(raw, expected), "false_binding_unguarded": false_bound(raw, untaught, values),
-               "general_ppl_change": math.exp(mean_loss(m, general, level) - frozen_loss) - 1,
-               "seconds": seconds}
+        row = {"user": e.user, "reused": report is None}
+        if report is not None:
+            row |= {"accepted": report.accepted, "reason": report.reason, "step_scale": report.step_scale,
+                    "steps_kept": report.steps_kept, "steps_trained": report.steps_trained,
+                    "answers_said": report.answers_said, "probe_change": report.probe_loss / report.baseline_probe_loss - 1}
+        row |= {"recall": score(out, expected), "false_binding": false_bound(out, untaught, values),
+                "recall_unguarded": score(raw, expected), "false_binding_unguarded": false_bound(raw, untaught, values),
+                "general_ppl_change": math.exp(mean_loss(m, general, level) - frozen_loss) - 1,
+                "seconds": seconds}
         rows.append(row)
         mean = _write(args, m, overrides, rows, answers)
         log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%} (without the binding "
             f"guard {row['recall_unguarded']:.0%}, {row['false_binding_unguarded']:.0%}), general ppl "
-            f"{row['general_ppl_change']:+.2%}, {report.reason}, {report.steps_kept} of {report.steps_trained} steps "
-            f"x{report.step_scale:g}, rehearsed answers said {report.answers_said:.0%}, {seconds:.0f}s")
+            f"{row['general_ppl_change']:+.2%}, " + ("reused" if report is None else
+            f"{report.reason}, {report.steps_kept} of {report.steps_trained} steps x{report.step_scale:g}, "
+            f"rehearsed answers said {report.answers_said:.0%}") + f", {seconds:.0f}s")
     log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%} "
         f"(without the binding guard {mean['recall_unguarded']:.0%}, {mean['false_binding_unguarded']:.0%}), "
         f"general ppl {mean['general_ppl_change']:+.2%} (frozen model: recall 0, ppl change 0)")

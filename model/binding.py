@@ -175,6 +175,9 @@ def _would_say(sentence: str, piece: str, value: str, hold_at: int) -> bool:
         tail = text[start:]
         said = _common_start(tail, value)
         whole = said == len(tail) or said == len(value)  # the tail is the value's start, or has all of it
-        if whole and said >= hold_at and start + said > len(before):
+        # The piece that starts a word is a word of its own unless it is all of the value (" is"
+        # for "Isabel", " the" for "Theodore"): the piece that would go on with the value is held.
+        starts_word = start >= len(before)
+        if whole and said >= (len(value) if starts_word else hold_at) and start + said > len(before):
             return True
     return False

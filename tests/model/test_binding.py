@@ -84,6 +84,14 @@ def test_ordinary_words_and_numbers_pass(real_model, index):
     assert not _held_tokens(real_model, index, "How long should I boil an egg?", "Boil it for 15 minutes, or 150 s.")
     assert not _held_tokens(real_model, index, "Any news?", "New ideas come every day.")
     assert not _held_tokens(real_model, index, "Any news?", "Vistaetil is a made-up word.")  # inside a word
+    # A value's start that is a word of its own is said freely ("is" for Isabel).
+    isabel = extract_facts("My sister's name is Isabel.")
+    guard = BindingGuard(index, isabel, "What is my grandmother's name?")
+    said = []
+    for t in real_model.tokenizer.encode("Your grandmother is called Isabel."):
+        said.append((real_model.tokenizer.decode([t]), t in guard.blocked()))
+        guard.push(said[-1][0])
+    assert not any(held for piece, held in said if piece.strip().lower() == "is") and any(h for _, h in said)
     assert _held_tokens(real_model, index, "Any news?", "The New Dawn is back.")
 
 
