@@ -168,12 +168,11 @@ class NsamModel:
         return MemoryState("user", {"user": self._new_level("user")}).to_bytes(self.fingerprint, self.levels)
 
     def new_session_state(self, user_state: bytes | None) -> bytes:
-        user = self._read(user_state, "user").levels["user"] if user_state else self._new_level("user")
+        user = self._read(user_state, "user") if user_state else None
         levels = {name: self._new_level(name) for name in self.levels.names() if name != "user"}
-        levels["user"] = user_snapshot(user)
+        levels["user"] = user_snapshot(user.levels["user"] if user else self._new_level("user"))
         # The user's facts travel with the session: its replies hold their values to their owners.
-        facts = self._read(user_state, "user").facts if user_state else ()
-        return MemoryState("session", levels, facts).to_bytes(self.fingerprint, self.levels)
+        return MemoryState("session", levels, user.facts if user else ()).to_bytes(self.fingerprint, self.levels)
 
     def check_state(self, data: bytes, kind: str) -> None:
         self._read(data, kind)
@@ -195,7 +194,7 @@ class NsamModel:
         if self._vocabulary is None:
             self._vocabulary = VocabularyIndex(self.tokenizer, self.model.embed_tokens.num_embeddings)
         question = messages[-1]["content"] if messages[-1]["role"] == "user" else ""
-        return BindingGuard(self._vocabulary, facts, question) or None
+        return BindingGuard(self._vocabulary, facts, question)
 
     def _read(self, data: bytes, kind: str) -> MemoryState:
         return MemoryState.from_bytes(data, self.fingerprint, self.levels, kind)
