@@ -43,6 +43,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from episodes import FILLER, make_episodes, make_long_user, matches  # noqa: E402
 
 from nsam.model.consolidation import probe_loss  # noqa: E402
+from nsam.model.levels import LevelsConfig  # noqa: E402
 from nsam.model.runtime import NsamModel, SamplingParams  # noqa: E402
 from nsam.model.updates import levels_loss  # noqa: E402
 
@@ -349,12 +351,27 @@ def retention_after(m: NsamModel, user: bytes, sessions, window: int) -> dict:
             "examples": {k: {"expected": expected[k], "answer": answers[k]} for k in list(answers)[:6]}}
 
 
+def load_model(args) -> NsamModel:
+    """The model the benchmark measures: `--levels` overrides how a level learns (its rates,
+    steps, replay), never its shape, so every stored state stays readable."""
+    m = NsamModel.load(args.model)
+    m.context_window = min(m.context_window, 1024)  # small KV caches: prompts stay within the window
+    overrides = json.loads(args.levels)
+    if overrides:
+        unknown = set(overrides) - set(m.levels.names())
+        if unknown:
+            raise SystemExit(f"--levels: no level named {sorted(unknown)}; levels are {list(m.levels.names())}")
+        specs = tuple(replace(spec, **overrides.get(spec.name, {})) for spec in m.levels.levels)
+        if [s.state_key() for s in specs] != [s.state_key() for s in m.levels.levels]:
+            raise SystemExit("--levels may change how a level learns, not its shape (layers, rank, scale)")
+        m.levels = LevelsConfig(specs)
+    return m
+
+
 def _forgetting_worker(args, queue, parent: int) -> None:
     _exit_with(parent)
     torch.set_num_threads(args.threads)
-    m = NsamModel.load(args.model)
-    m.context_window = min(m.context_window, 1024)
-    queue.put(forgetting_phase(m, args))
+    queue.put(forgetting_phase(load_model(args), args))
 
 
 def _exit_with(parent: int) -> None:
@@ -384,9 +401,7 @@ class ForgettingJob:
 
     def result(self) -> tuple[float, dict]:
         if self.proc is None:
-            m = NsamModel.load(self.args.model)
-            m.context_window = min(m.context_window, 1024)
-            return forgetting_phase(m, self.args)
+            return forgetting_phase(load_model(self.args), self.args)
         import queue
         while True:
             try:
@@ -426,6 +441,8 @@ def main() -> None:
     ap.add_argument("--docs", type=Path, nargs="+", default=[DEFAULT_DOCS],
                     help="long documents (files or folders of .txt) for online perplexity")
     ap.add_argument("--users", type=int, default=10)
+    ap.add_argument("--first-user", type=int, default=0,
+                    help="start at this user of the seed's sequence (users are the same whatever the count)")
     ap.add_argument("--facts", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--window", type=int, default=256, help="attention window (prompt tokens) in sessions")
@@ -439,6 +456,8 @@ def main() -> None:
                     help="2: run the forgetting chain in a second process, in parallel")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 by default: on a shared 2-core machine more threads thrash)")
+    ap.add_argument("--levels", default="{}",
+                    help='how levels learn, as JSON overrides per level: \'{"medium": {"replay_steps": 8}}\'')
     ap.add_argument("--quick", action="store_true",
                     help="3 users, 5 forgetting sessions, 2 documents × 1024 tokens")
     ap.add_argument("--skip", nargs="*", default=[], choices=["forgetting", "cross", "online", "decode"],
@@ -456,10 +475,9 @@ def main() -> None:
     if "forgetting" not in args.skip:
         forgetting_job = ForgettingJob(args)
     torch.manual_seed(0)
-    m = NsamModel.load(args.model)
-    m.context_window = min(m.context_window, 1024)  # small KV caches: prompts stay within the window
+    m = load_model(args)
     log(f"loaded {args.model} ({m.source}); {args.users} users x {args.facts} facts, window {args.window}")
-    episodes = make_episodes(args.users, args.facts, seed=args.seed)
+    episodes = make_episodes(args.first_user + args.users, args.facts, seed=args.seed)[args.first_user:]
     chat = Chat(m, args.batch, learning=True)
     details: dict = {}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -84,6 +85,16 @@ class VocabularyIndex:
                 alnum = re.match(r"[\w-]+", core)
                 if alnum and alnum.end() < len(core):  # "il." ends a value: indexed by "il" too
                     self.by_core[core[:alnum.end()]].append(t)
+        self.cores = sorted(self.by_core)
+
+    def starting_with(self, prefix: str) -> frozenset[int]:
+        """Tokens whose text (after leading spaces and quotes) starts with `prefix`."""
+        found: set[int] = set()
+        for core in self.cores[bisect_left(self.cores, prefix):]:
+            if not core.startswith(prefix):
+                break
+            found.update(self.by_core[core])
+        return frozenset(found)
 
     def candidates(self, value: str) -> frozenset[int]:
         """Tokens whose text is part of `value` (possibly ending it and going on past it)."""
@@ -142,7 +153,10 @@ class BindingGuard:
                 k = key[0]
                 # Inside another word: a run of letters longer than the value stands for it.
                 context = "q" * (len(bound.value) + 2) if k is None else " " + bound.value[:k]
-                masks[key] = [t for t in candidates if _would_say(context, self.index.text[t], bound.value, hold_at)]
+                pool = candidates
+                if k and bound.value.isalpha():  # pieces that go on with the name, then off it
+                    pool = pool | self.index.starting_with(bound.value[k:max(NEAR_COPY, hold_at, k + 1)])
+                masks[key] = [t for t in pool if _would_say(context, self.index.text[t], bound.value, hold_at)]
             out.extend(masks[key])
         return out
 
@@ -163,9 +177,15 @@ def _common_start(a: str, b: str) -> int:
     return n
 
 
+# A name's first letters that make a near copy ("Nole" for Nolamu): a word that has said this
+# many of them is held even where it goes on with other letters.
+NEAR_COPY = 3
+
+
 def _would_say(sentence: str, piece: str, value: str, hold_at: int) -> bool:
     """Whether `piece` after `sentence` would say `hold_at` or more characters of `value` from
-    the start of a word, the piece's own among them."""
+    the start of a word, the piece's own among them; for a name, also a piece that brings a
+    started word to `NEAR_COPY` of its first letters and goes on with others."""
     before = sentence[-(len(value) + 1):]
     text = before + piece
     first = 0 if len(before) == len(sentence) else 1  # text[0] may be the middle of a word
@@ -178,6 +198,7 @@ def _would_say(sentence: str, piece: str, value: str, hold_at: int) -> bool:
         # The piece that starts a word is a word of its own unless it is all of the value (" is"
         # for "Isabel", " the" for "Theodore"): the piece that would go on with the value is held.
         starts_word = start >= len(before)
-        if whole and said >= (len(value) if starts_word else hold_at) and start + said > len(before):
+        near = not starts_word and value.isalpha() and said >= max(NEAR_COPY, hold_at)
+        if (whole or near) and said >= (len(value) if starts_word else hold_at) and start + said > len(before):
             return True
     return False
