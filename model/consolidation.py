@@ -331,12 +331,14 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     users = [m["content"] for m in messages if m["role"] == "user"]
     turn = system + messages[-2:]
+    # What a later question sees in the attention window: the session's last exchanges.
+    recent = system + messages[len(system):][-2 * max(spec.rehearsal_context_turns, 1):]
     new_facts = extract_facts(users[-1]) if users else []
     before = users[-20:-1]  # the session's earlier messages whose facts are rehearsed with a turn's
     if new_facts and spec.rehearsal_steps:
         keys = {f.key for f in new_facts}
         earlier = [f for f in extract_facts("\n".join(before)) if f.key not in keys]
-        return _rehearse(model, tokenizer, spec, state, frozen, new_facts, earlier, turn, len(users), anchor_ids,
+        return _rehearse(model, tokenizer, spec, state, frozen, new_facts, earlier, turn, recent, len(users), anchor_ids,
                          spec.rehearsal_steps, spec.rehearsal_extra_steps)
     state, report = update_on_examples(model, spec, state, frozen, [chat_example(tokenizer, turn, ("user",))])
     stated = [i for i, text in enumerate(before) if extract_facts(text)]
@@ -347,15 +349,16 @@ def learn_turn(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState,
     # Spaced rehearsal: the facts were rehearsed while they were new; a few turns on, once
     # more (the last fact of a session otherwise gets one turn's steps).
     session = extract_facts("\n".join(before))
-    return _rehearse(model, tokenizer, spec, state, frozen, [], session, turn, len(users), anchor_ids,
+    return _rehearse(model, tokenizer, spec, state, frozen, [], session, turn, recent, len(users), anchor_ids,
                      spec.replay_steps, 0)
 
 
 def _rehearse(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState, frozen: list[LoraState],
-              new_facts: list[Fact], earlier: list[Fact], turn: list[dict[str, str]], turns: int,
+              new_facts: list[Fact], earlier: list[Fact], turn: list[dict[str, str]],
+              recent: list[dict[str, str]], turns: int,
               anchor_ids: list[int], steps: int, extra_steps: int) -> tuple[LoraState, LevelReport]:
     """`steps` of question→answer rehearsal at `spec.rehearsal_lr`: every form of `new_facts`
-    and one form of each of `earlier` (asked after `turn`) per step, under the KL anchors (general text, the chat
+    and one form of each of `earlier` (asked after `recent`, the session's last exchanges) per step, under the KL anchors (general text, the chat
     anchor after `turn`), the binding and untaught-slot terms, and on-policy negatives from
     halfway; then up to `extra_steps` more until the rehearsed answers are said."""
     started = time.perf_counter()
@@ -368,7 +371,7 @@ def _rehearse(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState, 
     new_qa = [qa(f, r) for f in new_facts for r in range(forms)]
     # Earlier facts are asked after this turn: later in a session they are asked after other
     # turns, which otherwise lead the answer astray (stop 19: asked alone 87%, in the window 57%).
-    earlier_qa = [[qa(f, r, turn) for f in earlier] for r in range(forms)]  # each round, one form of each
+    earlier_qa = [[qa(f, r, recent) for f in earlier] for r in range(forms)]  # each round, one form of each
     rounds = [_selected(new_qa + earlier_qa[r]) for r in range(forms)]
     windows = anchor_windows(anchor_ids, TURN_ANCHOR_TOKENS)
     anchor = windows[turns % len(windows)]  # each turn anchors on another stretch of text

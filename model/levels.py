@@ -46,6 +46,8 @@ class LevelSpec:
     # rehearsed again for `replay_steps` (0: off).
     replay_steps: int = 0
     replay_turns: int = 0
+    # A rehearsal asks the session's earlier facts after its last this many exchanges.
+    rehearsal_context_turns: int = 1
     max_update_norm: float = 10.0  # guard: larger updates are rejected
     scale: float = 1.0  # "lora": output scale of the delta
 
