@@ -106,6 +106,34 @@ def test_the_turns_after_a_fact_rehearse_the_session_facts_again_then_only_text(
     assert report.accepted and int(new.step) - int(after_fact.step) == off.steps
 
 
+def test_earlier_facts_are_asked_after_the_sessions_last_exchanges(tiny, monkeypatch):
+    """`rehearsal_context_turns`: what a later question will see in the attention window."""
+    from dataclasses import replace
+
+    import nsam.model.consolidation as consolidation
+
+    asked_after = []
+
+    def recording(tokenizer, question, fact, context=(), **kw):
+        asked_after.append(list(context))
+        return qa_example(tokenizer, question, fact, context=context, **kw)
+
+    qa_example = consolidation.qa_example
+    monkeypatch.setattr(consolidation, "qa_example", recording)
+    taught = [{"role": "user", "content": "My sister's name is Olvena."}, {"role": "assistant", "content": "Nice."}]
+    chat = [[{"role": "user", "content": q}, {"role": "assistant", "content": "Sure."}]
+            for q in ("Why is the sea salty?", "Name a fruit.")]
+    messages = [{"role": "system", "content": "Be brief."}] + taught + chat[0] + chat[1]
+    for turns, expected in ((1, chat[1]), (2, chat[0] + chat[1]), (9, taught + chat[0] + chat[1])):
+        spec = replace(tiny.levels.get("medium"), rehearsal_steps=2, replay_steps=2, replay_turns=3,
+                       rehearsal_context_turns=turns)
+        fresh = LoraState.zeros(spec, tiny.model.config.hidden_dim, tiny.model.config.dim, 0)
+        asked_after.clear()
+        learn_turn(tiny.model, tiny.tokenizer, spec, fresh, [], messages, tiny.anchor_ids)
+        contexts = [c for c in asked_after if c]
+        assert contexts and all(c == messages[:1] + expected for c in contexts)
+
+
 def test_near_miss_questions_never_ask_for_what_was_taught():
     facts = extract_facts("My sister's name is Olvena. My cousin's name is Brek. I live in Brisk.")
     taught = {f.key for f in facts}
