@@ -43,7 +43,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -279,6 +279,7 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
     accepted = shortened = 0
     milestones: dict[int, float] = {}
     recalled: dict[int, float] = {}  # the same milestones: the user's latest values recalled
+    recalled_unguarded: dict[int, float] = {}
     sessions = make_long_user(args.forgetting_sessions, 2, seed=args.seed + 1)
     for s, facts in enumerate(sessions):
         state = m.new_session_state(user)
@@ -298,9 +299,10 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
         if s + 1 in (5, 10) and s + 1 < len(sessions):  # milestones: a long chain can be cut short
             mid = mean_loss(m, general, m._read(user, "user").levels["user"])
             milestones[s + 1] = math.exp(mid) / math.exp(base_loss) - 1
-            recalled[s + 1] = retention_after(m, user, sessions[:s + 1], args.window)["recall"]
+            kept = retention_after(m, user, sessions[:s + 1], args.window)
+            recalled[s + 1], recalled_unguarded[s + 1] = kept["recall"], kept["recall_unguarded"]
             log(f"  [forgetting] after {s + 1} sessions: {milestones[s + 1]:+.2%}, "
-                f"latest values recalled {recalled[s + 1]:.0%}")
+                f"latest values recalled {recalled[s + 1]:.0%} (without the binding guard {kept['recall_unguarded']:.0%})")
     level = m._read(user, "user").levels["user"]
     after = mean_loss(m, general, level)
     forgetting = math.exp(after) / math.exp(base_loss) - 1
@@ -311,9 +313,11 @@ def forgetting_phase(m: NsamModel, args) -> tuple[float, dict]:
     pct = {k: "n/a" if v is None else f"{v:.0%}" for k, v in retention.items() if not isinstance(v, dict)}
     log(f"  [forgetting] after {len(sessions)} sessions the user's latest values are recalled {pct['recall']} "
         f"(taught in sessions 1-{len(sessions) // 2}: {pct['recall_first_half']}, later: "
-        f"{pct['recall_second_half']}); a replaced value given in {pct['stale']} of the answers")
+        f"{pct['recall_second_half']}); a replaced value given in {pct['stale']} of the answers; without the "
+        f"binding guard {pct['recall_unguarded']}")
     return forgetting, {"sessions": len(sessions), "accepted": accepted, "cut_back": shortened, "tokens": len(general),
                         "milestones": milestones, "retention": retention, "retention_milestones": recalled,
+                        "retention_milestones_unguarded": recalled_unguarded,
                         "ppl_before": math.exp(base_loss), "ppl_after": math.exp(after),
                         "seconds": time.perf_counter() - t0}
 
@@ -340,12 +344,16 @@ def retention_after(m: NsamModel, user: bytes, sessions, window: int) -> dict:
         for j, q in enumerate(f.questions):
             rid = f"{attribute}|{j}"
             questions[rid], expected[rid], taught_in[rid] = q, f.value, s
-    answers = ask(m, Chat(m, 24), questions, m.new_session_state(user), window)
+    session = m.new_session_state(user)
+    answers = ask(m, Chat(m, 24), questions, session, window)
+    with unguarded(m):  # the same questions, the level alone
+        raw = ask(m, Chat(m, 24), questions, session, window)
     half = len(sessions) // 2
     first = {k: v for k, v in expected.items() if taught_in[k] < half}
     second = {k: v for k, v in expected.items() if taught_in[k] >= half}
     stale = sum(any(matches(answers[k], old) for old in replaced.get(k.split("|")[0], [])) for k in answers)
-    return {"recall": score(answers, expected), "recall_first_half": score(answers, first) if first else None,
+    return {"recall": score(answers, expected), "recall_unguarded": score(raw, expected),
+            "recall_first_half": score(answers, first) if first else None,
             "recall_second_half": score(answers, second) if second else None,
             "stale": stale / max(len(answers), 1), "attributes": len(latest), "questions": len(answers),
             "examples": {k: {"expected": expected[k], "answer": answers[k]} for k in list(answers)[:6]}}
@@ -460,8 +468,8 @@ def main() -> None:
                     help='how levels learn, as JSON overrides per level: \'{"medium": {"replay_steps": 8}}\'')
     ap.add_argument("--quick", action="store_true",
                     help="3 users, 5 forgetting sessions, 2 documents × 1024 tokens")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["forgetting", "cross", "online", "decode"],
-                    help="leave phases out (their figures are null)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["session", "forgetting", "cross", "online", "decode"],
+                    help="leave phases out (their figures are null; without the session, cross-session too)")
     args = ap.parse_args()
     if args.quick:
         args.users = min(args.users, 3)
@@ -481,87 +489,18 @@ def main() -> None:
     chat = Chat(m, args.batch, learning=True)
     details: dict = {}
 
-    # 1) session 1: teach through chat turns, medium updates after each reply.
-    fresh_user = m.new_user_state()
-    t0 = time.perf_counter()
-    states, history, upd_s, upd_tok = teach_sessions(m, chat, episodes, args.window,
-                                                     {e.user: fresh_user for e in episodes})
-    details["teach_seconds"] = time.perf_counter() - t0
-    filler = filler_replies(episodes, history)
-    _, frozen_history, _, _ = teach_sessions(m, Chat(m, args.batch, learning=False), episodes, args.window,
-                                             {e.user: fresh_user for e in episodes}, learning=False)
-    filler_frozen = filler_replies(episodes, frozen_history)
-    details["filler_replies_with_taught_value"] = filler["with_taught_value"]
-    details["filler_replies_repeating_an_earlier_reply"] = filler["repeating_an_earlier_reply"]
-    details["filler_reply_examples"] = filler["examples"]
-    details["filler_frozen"] = filler_frozen
-    details["fact_replies_with_own_value"] = filler["fact_replies_with_own_value"]
-    log(f"filler replies containing a taught value: {filler['with_taught_value']:.0%} "
-        f"(frozen {filler_frozen['with_taught_value']:.0%}); opening like an earlier reply: "
-        f"{filler['repeating_an_earlier_reply']:.0%} (frozen {filler_frozen['repeating_an_earlier_reply']:.0%}); "
-        f"fact replies repeating the value just stated: {filler['fact_replies_with_own_value']:.0%} "
-        f"(frozen {filler_frozen['fact_replies_with_own_value']:.0%})")
-    session_state_bytes = len(states[episodes[0].user])
-
-    # 2) in-session recall: facts out of the window, same session state.
-    values = {e.user: [f.value for f in e.facts] for e in episodes}
-    reqs, untaught_reqs, expected, meta, asked = [], [], {}, {}, {}
-    for e in episodes:
-        for f in e.facts:
-            for j, q in enumerate(f.questions):
-                rid = f"{e.user}|in|{f.attribute}|{j}"
-                msgs = history[e.user] + [{"role": "user", "content": q}]
-                ids, fresh = window_prompt(m, msgs, args.window, values[e.user])
-                reqs.append((rid, ids, states[e.user], fresh, msgs))
-                expected[rid] = f.value
-                meta[rid], asked[rid] = ids, (e.user, q)
-        for j, q in enumerate(e.untaught):  # never taught: must not get one of the user's values
-            msgs = history[e.user] + [{"role": "user", "content": q}]
-            ids, fresh = window_prompt(m, msgs, args.window, values[e.user])
-            untaught_reqs.append((f"{e.user}|inU|{j}", ids, states[e.user], fresh, msgs))
-    t0 = time.perf_counter()
-    fresh_session = m.new_session_state(None)
-    ans_in = {k: v[0] for k, v in chat.run(reqs + untaught_reqs).items()}
-    ans_in_frozen = {k.replace("|in|", "|inF|"): v[0] for k, v in
-                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, *_ in reqs]).items()}
-    # The same questions asked with nothing of the session before them: does the level hold the
-    # fact (and the turns in the window lead the answer astray), or does it not hold it?
-    ans_alone = {k: v[0] for k, v in chat.run(
-        [(rid.replace("|in|", "|inA|"), m.encode_chat([{"role": "user", "content": q}], args.window), states[user])
-         for rid, (user, q) in asked.items()]).items()}
-    in_session_alone = score(ans_alone, {k.replace("|in|", "|inA|"): v for k, v in expected.items()})
-    details["in_session_recall_question_alone"] = in_session_alone
-    in_untaught = [r[0] for r in untaught_reqs]
-    in_session_binding = false_bound(ans_in, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
-    in_session_recall = score(ans_in, expected)
-    with unguarded(m):  # the same questions, the levels alone
-        ans_raw = {k: v[0] for k, v in chat.run(reqs + untaught_reqs).items()}
-    details["in_session_recall_unguarded"] = score(ans_raw, expected)
-    details["in_session_false_binding_unguarded"] = false_bound(
-        ans_raw, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
-    in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
-    details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)
-    details["in_session_false_binding"] = in_session_binding
-    shown = {e.user for e in episodes[:3]}
-    details["in_session_recall_by_attribute"] = recall_by_attribute(ans_in, expected)
-    log("  in-session recall by attribute: " + ", ".join(
-        f"{a} {r:.0%}" for a, r in details["in_session_recall_by_attribute"].items()))
-    details["in_session_examples"] = {k: {"expected": expected.get(k), "answer": ans_in[k]}
-                                      | ({"question_alone": ans_alone[k.replace("|in|", "|inA|")]} if k in asked else {})
-                                      for k in [r[0] for r in reqs + untaught_reqs] if k.split("|")[0] in shown}
-    log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}), "
-        f"untaught questions answered with a taught value {in_session_binding:.0%}; the same questions with none "
-        f"of the session in the prompt {in_session_alone:.0%}; without the binding guard: recall "
-        f"{details['in_session_recall_unguarded']:.0%}, untaught answered with a taught value "
-        f"{details['in_session_false_binding_unguarded']:.0%} [{time.perf_counter() - t0:.0f}s]")
+    fresh_user, fresh_session = m.new_user_state(), m.new_session_state(None)
+    s1 = None
+    if "session" not in args.skip:
+        s1 = session_phase(m, chat, episodes, args, details, fresh_user, fresh_session)
 
     # 3-4) consolidation at session end; session 2; the prompt baselines.
     cross = fb = changed = user_state_bytes = None
     base = {"frozen": {"cross_session_recall": None, "false_binding": None}}
-    if "cross" not in args.skip:
+    if s1 is not None and "cross" not in args.skip:
         cross, fb, changed, user_state_bytes, base = cross_session_phase(
-            m, chat, episodes, states, history, values, fresh_user, fresh_session, args, details)
-    base["frozen"]["in_session_recall"] = in_session_frozen
+            m, chat, episodes, s1.states, s1.history, s1.values, fresh_user, fresh_session, args, details)
+    base["frozen"]["in_session_recall"] = s1 and s1.in_session_frozen
 
     # 5) forgetting (started at the beginning, in its own process when --jobs 2).
     forgetting = None
@@ -602,13 +541,13 @@ def main() -> None:
 
     results = {
         "cross_session_recall": cross,
-        "in_session_recall": in_session_recall,
+        "in_session_recall": s1 and s1.in_session_recall,
         "false_binding": fb,
         "other_user_changes": changed,
         "forgetting": forgetting,
         "online_ppl_reduction": online,
-        "update_seconds_per_100_tokens": 100 * upd_s / max(upd_tok, 1),
-        "session_state_bytes": session_state_bytes,
+        "update_seconds_per_100_tokens": s1 and 100 * s1.update_seconds / max(s1.update_tokens, 1),
+        "session_state_bytes": s1 and s1.state_bytes,
         "user_state_bytes": user_state_bytes,
         "learning_decode_ratio": ratio,
         "baselines": base,
@@ -621,6 +560,97 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def session_phase(m: NsamModel, chat: Chat, episodes, args, details: dict, fresh_user: bytes,
+                  fresh_session: bytes) -> "Session1":
+    """Session 1 (teaching) and the in-session questions."""
+    # 1) session 1: teach through chat turns, medium updates after each reply.
+    t0 = time.perf_counter()
+    states, history, upd_s, upd_tok = teach_sessions(m, chat, episodes, args.window,
+                                                     {e.user: fresh_user for e in episodes})
+    details["teach_seconds"] = time.perf_counter() - t0
+    filler = filler_replies(episodes, history)
+    _, frozen_history, _, _ = teach_sessions(m, Chat(m, args.batch, learning=False), episodes, args.window,
+                                             {e.user: fresh_user for e in episodes}, learning=False)
+    filler_frozen = filler_replies(episodes, frozen_history)
+    details["filler_replies_with_taught_value"] = filler["with_taught_value"]
+    details["filler_replies_repeating_an_earlier_reply"] = filler["repeating_an_earlier_reply"]
+    details["filler_reply_examples"] = filler["examples"]
+    details["filler_frozen"] = filler_frozen
+    details["fact_replies_with_own_value"] = filler["fact_replies_with_own_value"]
+    log(f"filler replies containing a taught value: {filler['with_taught_value']:.0%} "
+        f"(frozen {filler_frozen['with_taught_value']:.0%}); opening like an earlier reply: "
+        f"{filler['repeating_an_earlier_reply']:.0%} (frozen {filler_frozen['repeating_an_earlier_reply']:.0%}); "
+        f"fact replies repeating the value just stated: {filler['fact_replies_with_own_value']:.0%} "
+        f"(frozen {filler_frozen['fact_replies_with_own_value']:.0%})")
+    session_state_bytes = len(states[episodes[0].user])
+
+    # 2) in-session recall: facts out of the window, same session state.
+    values = {e.user: [f.value for f in e.facts] for e in episodes}
+    reqs, untaught_reqs, expected, meta, asked = [], [], {}, {}, {}
+    for e in episodes:
+        for f in e.facts:
+            for j, q in enumerate(f.questions):
+                rid = f"{e.user}|in|{f.attribute}|{j}"
+                msgs = history[e.user] + [{"role": "user", "content": q}]
+                ids, fresh = window_prompt(m, msgs, args.window, values[e.user])
+                reqs.append((rid, ids, states[e.user], fresh, msgs))
+                expected[rid] = f.value
+                meta[rid], asked[rid] = ids, (e.user, q)
+        for j, q in enumerate(e.untaught):  # never taught: must not get one of the user's values
+            msgs = history[e.user] + [{"role": "user", "content": q}]
+            ids, fresh = window_prompt(m, msgs, args.window, values[e.user])
+            untaught_reqs.append((f"{e.user}|inU|{j}", ids, states[e.user], fresh, msgs))
+    t0 = time.perf_counter()
+    ans_in = {k: v[0] for k, v in chat.run(reqs + untaught_reqs).items()}
+    ans_in_frozen = {k.replace("|in|", "|inF|"): v[0] for k, v in
+                     chat.run([(r.replace("|in|", "|inF|"), ids, fresh_session) for r, ids, *_ in reqs]).items()}
+    # The same questions asked with nothing of the session before them: does the level hold the
+    # fact (and the turns in the window lead the answer astray), or does it not hold it?
+    ans_alone = {k: v[0] for k, v in chat.run(
+        [(rid.replace("|in|", "|inA|"), m.encode_chat([{"role": "user", "content": q}], args.window), states[user])
+         for rid, (user, q) in asked.items()]).items()}
+    in_session_alone = score(ans_alone, {k.replace("|in|", "|inA|"): v for k, v in expected.items()})
+    details["in_session_recall_question_alone"] = in_session_alone
+    in_untaught = [r[0] for r in untaught_reqs]
+    in_session_binding = false_bound(ans_in, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
+    in_session_recall = score(ans_in, expected)
+    with unguarded(m):  # the same questions, the levels alone
+        ans_raw = {k: v[0] for k, v in chat.run(reqs + untaught_reqs).items()}
+    details["in_session_recall_unguarded"] = score(ans_raw, expected)
+    details["in_session_false_binding_unguarded"] = false_bound(
+        ans_raw, in_untaught, {k: values[k.split("|")[0]] for k in in_untaught})
+    in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
+    details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)
+    details["in_session_false_binding"] = in_session_binding
+    shown = {e.user for e in episodes[:3]}
+    details["in_session_recall_by_attribute"] = recall_by_attribute(ans_in, expected)
+    log("  in-session recall by attribute: " + ", ".join(
+        f"{a} {r:.0%}" for a, r in details["in_session_recall_by_attribute"].items()))
+    details["in_session_examples"] = {k: {"expected": expected.get(k), "answer": ans_in[k]}
+                                      | ({"question_alone": ans_alone[k.replace("|in|", "|inA|")]} if k in asked else {})
+                                      for k in [r[0] for r in reqs + untaught_reqs] if k.split("|")[0] in shown}
+    log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}), "
+        f"untaught questions answered with a taught value {in_session_binding:.0%}; the same questions with none "
+        f"of the session in the prompt {in_session_alone:.0%}; without the binding guard: recall "
+        f"{details['in_session_recall_unguarded']:.0%}, untaught answered with a taught value "
+        f"{details['in_session_false_binding_unguarded']:.0%} [{time.perf_counter() - t0:.0f}s]")
+
+    return Session1(states, history, values, upd_s, upd_tok, session_state_bytes, in_session_recall,
+                    in_session_frozen)
+
+
+@dataclass
+class Session1:
+    states: dict
+    history: dict
+    values: dict
+    update_seconds: float
+    update_tokens: int
+    state_bytes: int
+    in_session_recall: float
+    in_session_frozen: float
 
 
 def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, history: dict, values: dict,
@@ -745,7 +775,7 @@ def print_table(r: dict) -> None:
     print("\nbaselines (same questions):")
     print(f"{'':<18}{'cross-session recall':>22}{'false binding':>15}{'in-session recall':>19}")
     for name, b in r["baselines"].items():
-        ins = f"{b['in_session_recall']:.0%}" if "in_session_recall" in b else "-"
+        ins = f"{b['in_session_recall']:.0%}" if b.get("in_session_recall") is not None else "-"
         cross, fb = (f"{b[k]:.0%}" if b[k] is not None else "n/a" for k in ("cross_session_recall", "false_binding"))
         print(f"{name:<18}{cross:>22}{fb:>15}{ins:>19}")
     met = [k for k in GOALS if _met(k, r[k]) == "met"]
