@@ -90,10 +90,10 @@ class VocabularyIndex:
     def starting_with(self, prefix: str) -> frozenset[int]:
         """Tokens whose text (after leading spaces and quotes) starts with `prefix`."""
         found: set[int] = set()
-        for core in self.cores[bisect_left(self.cores, prefix):]:
-            if not core.startswith(prefix):
-                break
-            found.update(self.by_core[core])
+        i = bisect_left(self.cores, prefix)  # walk the sorted cores from there: no copy of the list
+        while i < len(self.cores) and self.cores[i].startswith(prefix):
+            found.update(self.by_core[self.cores[i]])
+            i += 1
         return frozenset(found)
 
     def candidates(self, value: str) -> frozenset[int]:
