@@ -581,6 +581,11 @@ class ConsolidationConfig:
     # nearest words include the owner's synonyms ("puppy" for a dog), and asked once the level
     # says the taught answer they pull it back (stop 20: recall 71%, false binding 12%).
     on_policy_refresh: bool = False
+    # Only in a user's first consolidation. In later ones the level already knows the user, asked
+    # at on_policy_at it answers an owner's synonyms with the taught value, and the pull erases it:
+    # stop 22, one user's 5 sessions, latest values recalled 50% with the pull in every
+    # consolidation against 75% without it (benchmarks/README.md, "Stop 22").
+    on_policy_from_empty_only: bool = True
     # Other owners in the near-miss slots and questions: "embedding" (the backbone's nearest words
     # to a taught owner: sister -> brother, cousin, nephew) or "relations" (a fixed list). Stop 10,
     # 24 steps, 9 users: embedding gave recall 88% and false binding 18% against 93% and 22%.
@@ -710,7 +715,8 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     new, surprise, done = user_state, math.nan, 0
     if project is not None:
         new = replace(new, a=project(new.a))
-    on_policy_stops = {s for s in config.on_policy_at if 0 < s < config.steps}
+    pulls = user_state.is_empty or not config.on_policy_from_empty_only
+    on_policy_stops = {s for s in config.on_policy_at if 0 < s < config.steps} if pulls else set()
     every = config.fallback_every
     fallback_stops = set(range(every, config.steps, every)) if every > 0 else set()
     fallbacks: list[tuple[int, LoraState]] = []  # (steps trained, level) along the way, oldest first
@@ -737,7 +743,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         new, _ = train_lora(model, spec, new, [], full_objective, stop - done, config.lr, project)
         done = stop
         trained.append((done, new))
-        if config.on_policy_refresh and untaught_questions and done < limit:
+        if config.on_policy_refresh and pulls and untaught_questions and done < limit:
             checkpoint()
             negatives_now = _on_policy_negatives(model, tokenizer, spec, [new], [], untaught_questions,
                                                  config.on_policy_tokens)

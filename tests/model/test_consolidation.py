@@ -359,7 +359,7 @@ def test_a_consolidation_trains_on_until_its_answers_are_said_and_no_further(tin
     assert report.steps_kept == 6 and int(new.step) == 6
 
 
-def test_on_policy_questions_are_asked_again_after_each_extension_round_when_refreshing(tiny, monkeypatch):
+def test_on_policy_questions_are_asked_in_first_consolidations_and_after_each_round_when_refreshing(tiny, monkeypatch):
     from dataclasses import replace
 
     import nsam.model.consolidation as consolidation
@@ -390,6 +390,16 @@ def test_on_policy_questions_are_asked_again_after_each_extension_round_when_ref
                               replace(config, on_policy_refresh=True))
     assert [steps for steps, _ in asked] == [2, 6]  # and after the extension's first round (not after its last)
     assert all(q == questions for _, q in asked)
+    # A level with sessions in it already answers near misses with what it knows: no pull, unless asked for.
+    trained, _ = consolidation.consolidate(tiny.model, tiny.tokenizer, spec, fresh, transcript, tiny.anchor_ids,
+                                           tiny.probe_ids, replace(config, on_policy_at=()))
+    asked.clear()
+    consolidation.consolidate(tiny.model, tiny.tokenizer, spec, trained, transcript, tiny.anchor_ids, tiny.probe_ids,
+                              replace(config, on_policy_refresh=True))
+    assert asked == []
+    consolidation.consolidate(tiny.model, tiny.tokenizer, spec, trained, transcript, tiny.anchor_ids, tiny.probe_ids,
+                              replace(config, on_policy_from_empty_only=False))
+    assert [steps for steps, _ in asked] == [int(trained.step) + 2]
 
 
 def test_a_slot_pool_covers_more_near_misses_a_batch_per_step_at_the_same_cost(real_model):
