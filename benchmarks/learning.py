@@ -45,6 +45,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -362,6 +363,7 @@ def retention_after(m: NsamModel, user: bytes, sessions, window: int) -> dict:
 def load_model(args) -> NsamModel:
     """The model the benchmark measures: `--levels` overrides how a level learns (its rates,
     steps, replay), never its shape, so every stored state stays readable."""
+    torch.manual_seed(0)  # the same model in every process ("tiny" is random)
     m = NsamModel.load(args.model)
     m.context_window = min(m.context_window, 1024)  # small KV caches: prompts stay within the window
     overrides = json.loads(args.levels)
@@ -390,6 +392,51 @@ def _exit_with(parent: int) -> None:
             time.sleep(5)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
+
+
+_WORKER_MODEL: NsamModel | None = None
+
+
+def _consolidation_worker_init(args, parent: int) -> None:
+    global _WORKER_MODEL
+    _exit_with(parent)
+    torch.set_num_threads(args.threads)
+    _WORKER_MODEL = load_model(args)
+
+
+def _consolidate_timed(m: NsamModel, user_state: bytes, session_state: bytes, history: list[dict]):
+    t0 = time.perf_counter()
+    new, report = m.consolidate(user_state, session_state, history)
+    return new, report, time.perf_counter() - t0
+
+
+def _consolidate_in_worker(job: tuple) -> tuple:
+    return _consolidate_timed(_WORKER_MODEL, *job)
+
+
+def consolidate_all(m: NsamModel, jobs: list[tuple[bytes, bytes, list[dict]]], args,
+                    on_done: Callable[[int, tuple], None]) -> list[tuple]:
+    """[(user state, session state, transcript)] -> [(new user state, report, seconds)], in order;
+    `on_done(i, result)` as each finishes. With --jobs 2 a second process takes every other one:
+    each is minutes of one core, and by the time they start the forgetting chain has (nearly)
+    given its core back."""
+    def run_here(i: int) -> tuple:
+        out = _consolidate_timed(m, *jobs[i])
+        on_done(i, out)
+        return out
+
+    if args.jobs < 2 or len(jobs) < 2:
+        return [run_here(i) for i in range(len(jobs))]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp.get_context("spawn"), _consolidation_worker_init,
+                             (args, os.getpid())) as pool:
+        theirs = {}
+        for i in range(1, len(jobs), 2):
+            theirs[i] = pool.submit(_consolidate_in_worker, jobs[i])
+            theirs[i].add_done_callback(lambda f, i=i: f.exception() or on_done(i, f.result()))
+        mine = {i: run_here(i) for i in range(0, len(jobs), 2)}
+        return [mine[i] if i in mine else theirs[i].result() for i in range(len(jobs))]
 
 
 class ForgettingJob:
@@ -461,7 +508,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256, help="chunk size of the online evaluation")
     ap.add_argument("--batch", type=int, default=24, help="generator max batch")
     ap.add_argument("--jobs", type=int, default=2, choices=[1, 2],
-                    help="2: run the forgetting chain in a second process, in parallel")
+                    help="2: the forgetting chain, and every other consolidation, in a second process")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 by default: on a shared 2-core machine more threads thrash)")
     ap.add_argument("--levels", default="{}",
@@ -482,7 +529,6 @@ def main() -> None:
     forgetting_job = None
     if "forgetting" not in args.skip:
         forgetting_job = ForgettingJob(args)
-    torch.manual_seed(0)
     m = load_model(args)
     log(f"loaded {args.model} ({m.source}); {args.users} users x {args.facts} facts, window {args.window}")
     episodes = make_episodes(args.first_user + args.users, args.facts, seed=args.seed)[args.first_user:]
@@ -659,18 +705,20 @@ def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, histor
     batch), and the prompt baselines. -> (recall, false binding, bystander changes, user state
     bytes, baselines)"""
     # 3) consolidation at session end.
-    user_states, cons = {}, []
-    for e in episodes:
-        t0 = time.perf_counter()
-        user_states[e.user], rep = m.consolidate(fresh_user, states[e.user], history[e.user])
-        cons.append({"user": e.user, "accepted": rep.accepted, "reason": rep.reason, "facts": rep.facts,
-                     "probe_change": rep.probe_loss / rep.baseline_probe_loss - 1 if rep.accepted else None,
-                     "step_scale": rep.step_scale, "steps_kept": rep.steps_kept,
-                     "steps_trained": rep.steps_trained, "answers_said": rep.answers_said,
-                     "seconds": time.perf_counter() - t0})
+    cons: list = [None] * len(episodes)
+
+    def record(i: int, out: tuple) -> None:
+        e, (_, rep, seconds) = episodes[i], out
+        cons[i] = {"user": e.user, "accepted": rep.accepted, "reason": rep.reason, "facts": rep.facts,
+                   "probe_change": rep.probe_loss / rep.baseline_probe_loss - 1 if rep.accepted else None,
+                   "step_scale": rep.step_scale, "steps_kept": rep.steps_kept,
+                   "steps_trained": rep.steps_trained, "answers_said": rep.answers_said, "seconds": seconds}
         log(f"  consolidate {e.user}: {rep.reason}, {rep.facts} facts extracted, "
             f"probe {rep.probe_loss:.3f} vs {rep.baseline_probe_loss:.3f}, {rep.steps_kept} of {rep.steps_trained} "
-            f"steps, rehearsed answers said {rep.answers_said:.0%}, {time.perf_counter() - t0:.0f}s")
+            f"steps, rehearsed answers said {rep.answers_said:.0%}, {seconds:.0f}s")
+
+    done = consolidate_all(m, [(fresh_user, states[e.user], history[e.user]) for e in episodes], args, record)
+    user_states = {e.user: new for e, (new, _, _) in zip(episodes, done)}
     details["consolidations"] = cons
     user_state_bytes = len(user_states[episodes[0].user])
 
