@@ -686,9 +686,12 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
             loss = loss + config.untaught_weight * _kl(logits_fn(neg[0], neg[1]), neg_ref, neg[3])
         return loss, surprise
 
-    probe_neighbours = embedding_neighbours(model, tokenizer) if config.on_policy_owners == "embedding" else neighbours
-    untaught_questions = near_miss_questions(facts, taught, config.on_policy_probes, probe_neighbours,
-                                             config.on_policy_owners_per_fact or None)
+    pulls = user_state.is_empty or not config.on_policy_from_empty_only
+    untaught_questions = []  # the on-policy near misses; none asked when the level does not pull
+    if pulls:
+        probe_neighbours = embedding_neighbours(model, tokenizer) if config.on_policy_owners == "embedding" else neighbours
+        untaught_questions = near_miss_questions(facts, taught, config.on_policy_probes, probe_neighbours,
+                                                 config.on_policy_owners_per_fact or None)
     on_policy: list = []  # [(ids, select, weights, frozen logprobs)]
 
     def full_objective(logits_fn):
@@ -715,7 +718,6 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
     new, surprise, done = user_state, math.nan, 0
     if project is not None:
         new = replace(new, a=project(new.a))
-    pulls = user_state.is_empty or not config.on_policy_from_empty_only
     on_policy_stops = {s for s in config.on_policy_at if 0 < s < config.steps} if pulls else set()
     every = config.fallback_every
     fallback_stops = set(range(every, config.steps, every)) if every > 0 else set()
@@ -743,7 +745,7 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
         new, _ = train_lora(model, spec, new, [], full_objective, stop - done, config.lr, project)
         done = stop
         trained.append((done, new))
-        if config.on_policy_refresh and pulls and untaught_questions and done < limit:
+        if config.on_policy_refresh and untaught_questions and done < limit:
             checkpoint()
             negatives_now = _on_policy_negatives(model, tokenizer, spec, [new], [], untaught_questions,
                                                  config.on_policy_tokens)
