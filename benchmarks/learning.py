@@ -670,13 +670,12 @@ def session_phase(m: NsamModel, chat: Chat, episodes, args, details: dict, fresh
     in_session_frozen = score(ans_in_frozen, {k.replace("|in|", "|inF|"): v for k, v in expected.items()})
     details["in_session_prompt_tokens"] = sum(len(v) for v in meta.values()) / max(len(meta), 1)
     details["in_session_false_binding"] = in_session_binding
-    shown = {e.user for e in episodes[:3]}
     details["in_session_recall_by_attribute"] = recall_by_attribute(ans_in, expected)
     log("  in-session recall by attribute: " + ", ".join(
         f"{a} {r:.0%}" for a, r in details["in_session_recall_by_attribute"].items()))
-    details["in_session_examples"] = {k: {"expected": expected.get(k), "answer": ans_in[k]}
+    details["in_session_examples"] = {k: {"expected": expected.get(k), "answer": ans_in[k], "unguarded": ans_raw[k]}
                                       | ({"question_alone": ans_alone[k.replace("|in|", "|inA|")]} if k in asked else {})
-                                      for k in [r[0] for r in reqs + untaught_reqs] if k.split("|")[0] in shown}
+                                      for k in [r[0] for r in reqs + untaught_reqs]}
     log(f"in-session recall {in_session_recall:.0%} (frozen, same prompts: {in_session_frozen:.0%}), "
         f"untaught questions answered with a taught value {in_session_binding:.0%}; the same questions with none "
         f"of the session in the prompt {in_session_alone:.0%}; without the binding guard: recall "
@@ -790,7 +789,7 @@ def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, histor
             f"false binding {base[name]['false_binding']:.0%}")
     details["examples"] = {k: {"expected": cross_expected.get(k), "learned": ans_learned[k], "unguarded": ans_raw[k],
                                "frozen": ans_frozen[k]}
-                           for _, k, _ in questions[:2 * (args.facts * 2 + 5)]}
+                           for _, k, _ in questions}
     return cross, fb, changed, user_state_bytes, base
 
 

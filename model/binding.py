@@ -8,10 +8,16 @@ its owner: while neither the user's message nor the reply's current sentence nam
 ("sister"; "live" or "home" for where the user lives), the tokens that would spell the value are
 masked and the model says what it would say otherwise. The levels' answers are unchanged
 wherever they name the owner, so recall loses only what a reply says without naming it.
+
+The other side of the same knowledge: a value the reply is saying next to its owner is said whole.
+A level that answers "Your sister's name is Stoukes." for Stoukesk (stop 23) has given the
+answer but for its last letter; once a word has said enough of a free value (`FINISH_AT`), only
+the tokens that go on with the value are left until it is said.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from bisect import bisect_left
@@ -69,6 +75,11 @@ def bound_value(fact: Fact) -> BoundValue | None:
     return BoundValue(value, owners, hold_at)
 
 
+def _core(piece: str) -> str:
+    """A token's text without the spaces and quotes that lead into a word."""
+    return piece.lstrip(" \"'*(“‘`")
+
+
 class VocabularyIndex:
     """Token ids by the folded text they add, for finding the tokens that continue a value
     without decoding the vocabulary at every step. Built once per tokenizer."""
@@ -79,7 +90,7 @@ class VocabularyIndex:
         for t in range(size):
             piece = _fold(tokenizer.decode([t]))
             self.text.append(piece)
-            core = piece.lstrip(" \"'*(“‘`")
+            core = _core(piece)
             if core:
                 self.by_core[core].append(t)
                 alnum = re.match(r"[\w-]+", core)
@@ -94,6 +105,18 @@ class VocabularyIndex:
         while i < len(self.cores) and self.cores[i].startswith(prefix):
             found.update(self.by_core[self.cores[i]])
             i += 1
+        return frozenset(found)
+
+    def continuing(self, rest: str) -> frozenset[int]:
+        """Tokens that say `rest` (the unsaid end of a value, read on from the middle of a word)
+        or a start of it, with no other letters in the same word."""
+        found: set[int] = set()
+        for j in range(1, len(rest) + 1):  # a piece of the rest
+            found.update(t for t in self.by_core.get(_core(rest[:j]), ()) if self.text[t] == rest[:j])
+        for t in self.starting_with(_core(rest)):  # all of it, and the word ends there
+            piece = self.text[t]
+            if piece.startswith(rest) and not piece[len(rest):len(rest) + 1].isalnum():
+                found.add(t)
         return frozenset(found)
 
     def candidates(self, value: str) -> frozenset[int]:
@@ -124,9 +147,10 @@ class BindingGuard:
             elif all(bound.value != b.value for b, _, _ in self.held):
                 self.held.append((bound, index.candidates(bound.value), {}))
         self.sentence = ""  # folded text of the reply's current sentence
+        self._finishes: dict[str, frozenset[int]] = {}  # unsaid end of a value -> tokens saying it
 
-    def __bool__(self) -> bool:
-        return bool(self.held)
+    def __bool__(self) -> bool:  # values to hold or to finish
+        return bool(self.held or self.free)
 
     def push(self, text: str) -> None:
         sentence = self.sentence + _fold(text)
@@ -159,6 +183,35 @@ class BindingGuard:
                 masks[key] = [t for t in pool if _would_say(context, self.index.text[t], bound.value, hold_at)]
             out.extend(masks[key])
         return out
+
+    def finishing(self) -> frozenset[int] | None:
+        """The tokens left for the next step where the sentence's last word is saying a value
+        (`being_said`); None where none is. Applied after `blocked`."""
+        allowed: set[int] = set()
+        for value, said in self.being_said():
+            rest = value[said:]
+            if rest not in self._finishes:
+                self._finishes[rest] = self.index.continuing(rest)
+            allowed |= self._finishes[rest]
+        return frozenset(allowed) or None
+
+    def being_said(self) -> list[tuple[str, int]]:
+        """(value, characters said) of each value free here (its owner named) of which the
+        sentence's last word has said `FINISH_AT` and not all."""
+        owners_named = _words(self.sentence)
+        out = []
+        for value in self.free + [b.value for b, _, _ in self.held if b.owners & owners_named]:
+            k = _progress(self.sentence, value)
+            if k and k >= max(math.ceil(len(value) * FINISH_AT), min(FINISH_MIN, len(value) - 1)):
+                out.append((value, k))
+        return out
+
+
+# A word that has said this share of a value free in its sentence, and `FINISH_MIN` characters of
+# it (or all but one), is finished as the value: "Stoukes" is Stoukesk cut short, where "St" or
+# "15" (for 1504) may be another word.
+FINISH_AT = 0.5
+FINISH_MIN = 4
 
 
 def _progress(sentence: str, value: str) -> int | None:

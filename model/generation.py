@@ -186,9 +186,18 @@ class Generator:
         histories = [torch.tensor(r.prompt + r.output) if r.params.repetition_penalty != 1.0 else None
                      for r in batch]
         for i, r in enumerate(batch):
-            blocked = r.guard.blocked() if r.guard is not None else None
+            if r.guard is None:
+                continue
+            blocked = r.guard.blocked()
             if blocked:
                 logits[i, blocked] = float("-inf")
+            finishing = r.guard.finishing()
+            if finishing:  # a value being said next to its owner: only what goes on with it
+                allowed = torch.tensor(sorted(finishing))
+                kept = logits[i, allowed]
+                if torch.isfinite(kept).any():
+                    logits[i] = float("-inf")
+                    logits[i, allowed] = kept
         picked = sample_batch(logits, [r.params for r in batch], [r.generator for r in batch], histories)
         for r, t in zip(batch, picked):
             r.next_token = t

@@ -114,6 +114,36 @@ def test_ordinary_words_and_numbers_pass(real_model, index):
     assert _held_tokens(real_model, index, "Any news?", "The New Dawn is back.")
 
 
+def _finishing(real_model, index, facts, message: str, reply: str) -> set[str] | None:
+    """The pieces a guard leaves after `reply`, or None where it leaves all."""
+    guard = BindingGuard(index, facts, message)
+    guard.push(reply)
+    left = guard.finishing()
+    return None if left is None else {real_model.tokenizer.decode([t]) for t in left}
+
+
+@pytest.mark.real_model
+def test_a_value_started_next_to_its_owner_is_said_whole(real_model, index):
+    facts = extract_facts("My sister's name is Stoukesk. My locker code is 1504.")
+    left = _finishing(real_model, index, facts, "What is my sister's name?", "Your sister's name is Stoukes")
+    assert {"k", "K"} <= left and not {".", " and", "s", "ka"} & left
+    left = _finishing(real_model, index, facts, "Tell me about my family.", "Your sister is called Stouk")
+    assert {"esk", "es", "e"} & left and not {"ers", "."} & left
+    assert _finishing(real_model, index, facts, "What's my locker code?", "It is 150") >= {"4"}
+
+
+@pytest.mark.real_model
+def test_a_short_start_another_owner_or_a_whole_value_is_left_alone(real_model, index):
+    facts = extract_facts("My sister's name is Stoukesk. My locker code is 1504.")
+    sister = "What is my sister's name?"
+    assert _finishing(real_model, index, facts, sister, "Your sister's name is Sto") is None  # "Stone"
+    assert _finishing(real_model, index, facts, "What's my locker code?", "It is 15") is None  # "15 minutes"
+    assert _finishing(real_model, index, facts, sister, "Your sister's name is Stoukesk") is None
+    assert _finishing(real_model, index, facts, sister, "Your sister's name is Stoukesk. Hers") is None
+    # Not its owner: the value is held (`blocked`), not finished.
+    assert _finishing(real_model, index, facts, "What is my aunt's name?", "Your aunt's name is Stoukes") is None
+
+
 def _reply(model, session: bytes, messages, guard: bool) -> str:
     model.binding_guard = guard
     try:
@@ -142,6 +172,20 @@ def test_the_generator_keeps_a_taught_name_off_another_owner(real_model):
     grandmother = m.new_session_state(m._write(replace(user, facts=tuple(extract_facts(
         "My grandmother's name is Taetil.")))))
     assert "Taetil" in _reply(m, grandmother, ask, guard=True)
+
+
+@pytest.mark.real_model
+def test_the_generator_says_a_started_value_whole(real_model):
+    """The frozen model told a name one letter short says it so; with the user's fact in the
+    session, the name it starts next to its owner is said whole."""
+    m = real_model
+    user = m._read(m.new_user_state(), "user")
+    ask = [{"role": "system", "content": "Your only task: tell the user that their sister is named Stoukes."},
+           {"role": "user", "content": "What is my sister's name?"}]
+    assert "Stoukesk" not in _reply(m, m.new_session_state(None), ask, guard=True)
+    sister = m.new_session_state(m._write(replace(user, facts=tuple(extract_facts("My sister's name is Stoukesk.")))))
+    assert "Stoukesk" in _reply(m, sister, ask, guard=True)
+    assert "Stoukesk" not in _reply(m, sister, ask, guard=False)
 
 
 def test_a_session_carries_its_users_facts(tiny_model):
