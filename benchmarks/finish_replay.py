@@ -34,7 +34,8 @@ def finish(index: VocabularyIndex, tokenizer, facts, question: str, answer: str)
     guard = BindingGuard(index, facts, question)
     said = ""
     for t in tokenizer.encode(answer):
-        if guard.finishing() is not None and t not in guard.finishing():
+        allowed = guard.finishing()
+        if allowed is not None and t not in allowed:
             value, k = guard.being_said()[0]
             return said + value[k:]
         piece = tokenizer.decode([t])

@@ -147,6 +147,7 @@ class BindingGuard:
             elif all(bound.value != b.value for b, _, _ in self.held):
                 self.held.append((bound, index.candidates(bound.value), {}))
         self.sentence = ""  # folded text of the reply's current sentence
+        self.named: list[BoundValue] = []  # held values whose owner the sentence names: free in it
         self._finishes: dict[str, frozenset[int]] = {}  # unsaid end of a value -> tokens saying it
 
     def __bool__(self) -> bool:  # values to hold or to finish
@@ -156,14 +157,18 @@ class BindingGuard:
         sentence = self.sentence + _fold(text)
         ends = list(_SENTENCE_END.finditer(sentence))
         self.sentence = sentence[ends[-1].end():] if ends else sentence
+        owners_named = _words(self.sentence)
+        self.named = [b for b, _, _ in self.held if b.owners & owners_named]
+
+    def free_here(self) -> list[str]:
+        """The values this sentence may say: freed by the message, or their owner named in it."""
+        return self.free + [b.value for b in self.named]
 
     def blocked(self) -> list[int]:
-        owners_named = _words(self.sentence)
-        named = [b for b, _, _ in self.held if b.owners & owners_named]
-        free = self.free + [b.value for b in named]
+        free = self.free_here()
         out: list[int] = []
         for bound, candidates, masks in self.held:
-            if bound in named:
+            if bound in self.named:
                 continue
             # A free value that starts like this one ("Shokragaem" asked for, "Shipeibum" held)
             # is said past their common start before this one is held.
@@ -198,9 +203,8 @@ class BindingGuard:
     def being_said(self) -> list[tuple[str, int]]:
         """(value, characters said) of each value free here (its owner named) of which the
         sentence's last word has said `FINISH_AT` and not all."""
-        owners_named = _words(self.sentence)
         out = []
-        for value in self.free + [b.value for b, _, _ in self.held if b.owners & owners_named]:
+        for value in self.free_here():
             k = _progress(self.sentence, value)
             if k and k >= max(math.ceil(len(value) * FINISH_AT), min(FINISH_MIN, len(value) - 1)):
                 out.append((value, k))
