@@ -240,6 +240,32 @@ def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states:
     return states, history, upd_seconds, upd_tokens
 
 
+def save_sessions(folder: Path, episodes, states: dict, history: dict, frozen_history: dict,
+                  upd_s: float, upd_tok: int, seconds: float) -> None:
+    """Session 1 as taught, so later runs can ask it other ways without teaching it again
+    (`--session-cache`): one state file per user and the transcripts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for e in episodes:
+        (folder / f"{e.user}.state").write_bytes(states[e.user])
+    (folder / "sessions.json").write_text(json.dumps({
+        "users": [e.user for e in episodes], "history": history, "frozen_history": frozen_history,
+        "update_seconds": upd_s, "update_tokens": upd_tok, "teach_seconds": seconds}))
+
+
+def load_sessions(folder: Path, episodes):
+    """What `save_sessions` wrote, when it holds these users; None otherwise."""
+    index = folder / "sessions.json"
+    if not index.exists():
+        return None
+    saved = json.loads(index.read_text())
+    if any(e.user not in saved["users"] for e in episodes):
+        return None
+    pick = lambda d: {e.user: d[e.user] for e in episodes}  # noqa: E731
+    states = {e.user: (folder / f"{e.user}.state").read_bytes() for e in episodes}
+    return (states, pick(saved["history"]), pick(saved["frozen_history"]), saved["update_seconds"],
+            saved["update_tokens"], saved["teach_seconds"])
+
+
 def filler_replies(episodes, history: dict[str, list[dict]]) -> dict:
     """Replies of session 1. To the ordinary (filler) turns: the share that recite one of the
     user's taught values (a level that rehearses facts must not), and the share that open like
@@ -515,6 +541,9 @@ def main() -> None:
                     help='how levels learn, as JSON overrides per level: \'{"medium": {"replay_steps": 8}}\'')
     ap.add_argument("--quick", action="store_true",
                     help="3 users, 5 forgetting sessions, 2 documents × 1024 tokens")
+    ap.add_argument("--session-cache", type=Path,
+                    help="a folder: session 1 is read from it when it holds these users, else taught and written to "
+                         "it (to screen ways of asking without teaching again; the state must match the code)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["session", "forgetting", "cross", "online", "decode"],
                     help="leave phases out (their figures are null; without the session, cross-session too)")
     args = ap.parse_args()
@@ -613,12 +642,20 @@ def session_phase(m: NsamModel, chat: Chat, episodes, args, details: dict, fresh
     """Session 1 (teaching) and the in-session questions."""
     # 1) session 1: teach through chat turns, medium updates after each reply.
     t0 = time.perf_counter()
-    states, history, upd_s, upd_tok = teach_sessions(m, chat, episodes, args.window,
-                                                     {e.user: fresh_user for e in episodes})
-    details["teach_seconds"] = time.perf_counter() - t0
+    cached = load_sessions(args.session_cache, episodes) if args.session_cache else None
+    if cached is not None:
+        states, history, frozen_history, upd_s, upd_tok, details["teach_seconds"] = cached
+        log(f"session 1 of {len(episodes)} users read from {args.session_cache} (not taught again)")
+    else:
+        states, history, upd_s, upd_tok = teach_sessions(m, chat, episodes, args.window,
+                                                         {e.user: fresh_user for e in episodes})
+        details["teach_seconds"] = time.perf_counter() - t0
+        _, frozen_history, _, _ = teach_sessions(m, Chat(m, args.batch, learning=False), episodes, args.window,
+                                                 {e.user: fresh_user for e in episodes}, learning=False)
+        if args.session_cache:
+            save_sessions(args.session_cache, episodes, states, history, frozen_history, upd_s, upd_tok,
+                          details["teach_seconds"])
     filler = filler_replies(episodes, history)
-    _, frozen_history, _, _ = teach_sessions(m, Chat(m, args.batch, learning=False), episodes, args.window,
-                                             {e.user: fresh_user for e in episodes}, learning=False)
     filler_frozen = filler_replies(episodes, frozen_history)
     details["filler_replies_with_taught_value"] = filler["with_taught_value"]
     details["filler_replies_repeating_an_earlier_reply"] = filler["repeating_an_earlier_reply"]
