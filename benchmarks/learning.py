@@ -391,6 +391,8 @@ def load_model(args) -> NsamModel:
     steps, replay), never its shape, so every stored state stays readable."""
     torch.manual_seed(0)  # the same model in every process ("tiny" is random)
     m = NsamModel.load(args.model)
+    if args.recall_gain is not None:
+        m.recall_gain = args.recall_gain
     m.context_window = min(m.context_window, 1024)  # small KV caches: prompts stay within the window
     overrides = json.loads(args.levels)
     if overrides:
@@ -541,9 +543,12 @@ def main() -> None:
                     help='how levels learn, as JSON overrides per level: \'{"medium": {"replay_steps": 8}}\'')
     ap.add_argument("--quick", action="store_true",
                     help="3 users, 5 forgetting sessions, 2 documents × 1024 tokens")
+    ap.add_argument("--recall-gain", type=float,
+                    help="read the LoRA levels times this in replies to questions about taught facts (model default)")
     ap.add_argument("--session-cache", type=Path,
-                    help="a folder: session 1 is read from it when it holds these users, else taught and written to "
-                         "it (to screen ways of asking without teaching again; the state must match the code)")
+                    help="a folder: session 1 and its consolidation are read from it when it holds these users, else "
+                         "taught and written to it (to screen ways of asking without teaching again; the states must "
+                         "match the code)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["session", "forgetting", "cross", "online", "decode"],
                     help="leave phases out (their figures are null; without the session, cross-session too)")
     args = ap.parse_args()
@@ -753,8 +758,19 @@ def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, histor
             f"probe {rep.probe_loss:.3f} vs {rep.baseline_probe_loss:.3f}, {rep.steps_kept} of {rep.steps_trained} "
             f"steps, rehearsed answers said {rep.answers_said:.0%}, {seconds:.0f}s")
 
-    done = consolidate_all(m, [(fresh_user, states[e.user], history[e.user]) for e in episodes], args, record)
-    user_states = {e.user: new for e, (new, _, _) in zip(episodes, done)}
+    cache = args.session_cache
+    if cache and all((cache / f"{e.user}.user").exists() for e in episodes):
+        user_states = {e.user: (cache / f"{e.user}.user").read_bytes() for e in episodes}
+        saved = {c["user"]: c for c in json.loads((cache / "consolidations.json").read_text())}
+        cons = [saved[e.user] for e in episodes]
+        log(f"consolidated user levels of {len(episodes)} users read from {cache} (not consolidated again)")
+    else:
+        done = consolidate_all(m, [(fresh_user, states[e.user], history[e.user]) for e in episodes], args, record)
+        user_states = {e.user: new for e, (new, _, _) in zip(episodes, done)}
+        if cache:
+            for e in episodes:
+                (cache / f"{e.user}.user").write_bytes(user_states[e.user])
+            (cache / "consolidations.json").write_text(json.dumps(cons))
     details["consolidations"] = cons
     user_state_bytes = len(user_states[episodes[0].user])
 

@@ -138,12 +138,15 @@ class BindingGuard:
         asked = _words(message)
         self.held: list[tuple[BoundValue, frozenset[int], dict[tuple[int | None, int], list[int]]]] = []
         self.free: list[str] = []  # values the user's message frees for the whole reply
+        self.asked: list[str] = []  # of them, those whose owner it names without saying them
         for fact in facts:
             bound = bound_value(fact)
             if bound is None:
                 continue
             if bound.owners & asked or bound.value in said:  # its owner or the value itself named
                 self.free.append(bound.value)
+                if bound.value not in said:
+                    self.asked.append(bound.value)
             elif all(bound.value != b.value for b, _, _ in self.held):
                 self.held.append((bound, index.candidates(bound.value), {}))
         self.sentence = ""  # folded text of the reply's current sentence

@@ -40,6 +40,7 @@ class _Running:
     generator: torch.Generator | None
     decoder: StreamDecoder
     guard: BindingGuard | None = None
+    lora_gain: float = 1.0  # how strongly this reply reads its LoRA levels
     output: list[int] = field(default_factory=list)
     text: str = ""
     position: int = 0  # next cache position to write
@@ -68,10 +69,12 @@ class Generator:
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], levels: dict[str, object] | None,
-            params: SamplingParams, fresh_tokens: int | None = None, guard: BindingGuard | None = None) -> None:
+            params: SamplingParams, fresh_tokens: int | None = None, guard: BindingGuard | None = None,
+            lora_gain: float = 1.0) -> None:
         """`levels` maps level name -> state (LoraState / AssociativeState); None = frozen.
         `fresh_tokens`: how many trailing prompt tokens are new to this session (the fast level
-        writes only those; None: all). `guard`: taught values held to their owners (`binding`)."""
+        writes only those; None: all). `guard`: taught values held to their owners (`binding`).
+        `lora_gain`: the LoRA levels' deltas are read times this (1: as learned)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.max_seq:
@@ -94,7 +97,7 @@ class Generator:
                                    in_context=max(0, old) if fresh_tokens is not None else None)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.waiting.append(_Running(request_id, -1, list(prompt_ids), params, lora, fast, gen,
-                                     StreamDecoder(self.tokenizer), guard or None))
+                                     StreamDecoder(self.tokenizer), guard or None, lora_gain))
 
     def cancel(self, request_id: str) -> None:
         for r in list(self.waiting):
@@ -158,6 +161,8 @@ class Generator:
         if cached is None or len(cached[0]) != len(batch) or any(x is not y for x, y in zip(cached[0], batch)):
             states = [r.lora if r.lora else [_zero_like(s) for s in example.lora] for r in batch]
             layers, a, b, scale = stack_lora(states, self.lora_specs)
+            if any(r.lora_gain != 1.0 for r in batch):
+                b = b * torch.tensor([r.lora_gain for r in batch], dtype=b.dtype).view(-1, 1, 1, 1)
             dtype = self.model.embed_tokens.weight.dtype
             cached = self._stacked = (tuple(batch), (layers, a.to(dtype), b.to(dtype), scale))
         return cached[1]

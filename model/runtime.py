@@ -98,6 +98,9 @@ class NsamModel:
         self.consolidation = consolidation
         # Hold taught values to their owners while decoding (`binding`); off: the levels alone.
         self.binding_guard = True
+        # A reply to a question about what the user taught (its guard frees a taught value) reads
+        # the LoRA levels times this: the turns in the window otherwise lead the answer astray.
+        self.recall_gain = 1.0
         self._vocabulary: VocabularyIndex | None = None
         fast_spec = next((s for s in levels.levels if s.rule == "associative"), None)
         self.fast_params = None
@@ -276,7 +279,8 @@ class Generator:
         params.validate()
         state = self.owner._read(session_state, "session")
         guard = self.owner.binding_guard_for(state, messages) if messages is not None else None
-        self.inner.add(request_id, prompt_ids, state.levels, params, fresh_tokens, guard)
+        gain = self.owner.recall_gain if guard is not None and guard.asked else 1.0
+        self.inner.add(request_id, prompt_ids, state.levels, params, fresh_tokens, guard, gain)
         self.states[request_id] = state
         self.started[request_id] = time.perf_counter()
 

@@ -193,3 +193,28 @@ def test_a_session_carries_its_users_facts(tiny_model):
     user = m._write(replace(m._read(m.new_user_state(), "user"), facts=tuple(FACTS)))
     assert m._read(m.new_session_state(user), "session").facts == tuple(FACTS)
     assert m._read(m.new_session_state(None), "session").facts == ()
+
+
+def test_a_question_about_a_taught_value_is_told_from_a_statement_of_it(tiny_model):
+    """`asked`: the values whose owner the message names without saying them (a question about
+    what the user taught); a message stating the value frees it but does not ask for it."""
+    index = VocabularyIndex(tiny_model.tokenizer, tiny_model.model.embed_tokens.num_embeddings)
+    assert BindingGuard(index, FACTS, "What's my sister called again?").asked == ["taetil"]
+    assert BindingGuard(index, FACTS, "My sister's name is Taetil, remember?").asked == []
+    assert BindingGuard(index, FACTS, "How do I bake bread?").asked == []
+
+
+def test_only_a_question_about_what_the_user_taught_reads_the_levels_harder(tiny_model):
+    m = tiny_model
+    user = m._write(replace(m._read(m.new_user_state(), "user"), facts=tuple(FACTS)))
+    session = m.new_session_state(user)
+    m.recall_gain = 2.0
+    try:
+        g = m.generator(4)
+        for rid, text in (("asks", "What's my sister called again?"), ("states", "My sister's name is Taetil."),
+                          ("other", "How do I bake bread?")):
+            msgs = [{"role": "user", "content": text}]
+            g.add(rid, m.encode_chat(msgs, 200), session, SamplingParams(max_tokens=4), None, msgs)
+        assert [r.lora_gain for r in g.inner.waiting] == [2.0, 1.0, 1.0]
+    finally:
+        m.recall_gain = 1.0

@@ -376,3 +376,40 @@ def test_a_turn_knows_which_prompt_tokens_are_new(tiny):
     assert ids[:len(old)] == old and fresh == len(ids) - len(old) > 0
     ids, fresh = tiny.encode_turn([last], 1000)
     assert fresh == len(ids)  # a first turn is all new
+
+
+def _learnt(model, level: str, seed: int, times: float = 1.0) -> LoraState:
+    """A LoRA level with random deltas, large enough to change what the tiny model says."""
+    spec = model.levels.get(level)
+    state = LoraState.zeros(spec, model.model.config.hidden_dim, model.model.config.dim, seed)
+    b = torch.randn(state.b.shape, generator=torch.Generator().manual_seed(seed)) * 0.5 * times
+    return replace(state, b=b)
+
+
+def test_a_reply_read_with_a_gain_equals_its_deltas_scaled_and_leaves_the_batch_alone(tiny):
+    """`lora_gain` reads one request's LoRA deltas times the gain: the same tokens as a request
+    whose B is scaled, while the other sessions of the batch say what they say without it."""
+    from nsam.model.generation import Generator
+
+    ids = tiny.encode_chat([{"role": "user", "content": "what do you remember about me?"}], 200)
+    other = tiny.encode_chat([{"role": "user", "content": "tell me something else"}], 200)
+    fast = MemoryState.from_bytes(tiny.new_session_state(None), tiny.fingerprint, tiny.levels, "session").levels["fast"]
+
+    def levels(times):
+        return {"user": _learnt(tiny, "user", 1, times), "medium": _learnt(tiny, "medium", 2, times), "fast": fast}
+
+    def run(jobs):
+        g = Generator(tiny.model, tiny.tokenizer, tiny.levels, tiny.fast_params, 4, 256)
+        for rid, prompt, lv, gain in jobs:
+            g.add(rid, prompt, lv, SamplingParams(max_tokens=24), lora_gain=gain)
+        out = {rid: [] for rid, *_ in jobs}
+        while g.has_work():
+            for e in g.step():
+                out[e.request_id].append(e.token_id)
+        return out
+
+    plain = run([("a", ids, levels(1.0), 1.0), ("b", other, levels(1.0), 1.0)])
+    gained = run([("a", ids, levels(1.0), 2.5), ("b", other, levels(1.0), 1.0)])
+    scaled = run([("a", ids, levels(2.5), 1.0)])
+    assert gained["a"] == scaled["a"] != plain["a"]
+    assert gained["b"] == plain["b"]
