@@ -13,6 +13,9 @@ The other side of the same knowledge: a value the reply is saying next to its ow
 A level that answers "Your sister's name is Stoukes." for Stoukesk (stop 23) has given the
 answer but for its last letter; once a word has said enough of a free value (`FINISH_AT`), only
 the tokens that go on with the value are left until it is said.
+
+And a message that names a taught value's owner without saying the value asks for it (`asked`):
+the generator reads the levels harder for that reply (`runtime.RECALL_GAIN`).
 """
 
 from __future__ import annotations

@@ -90,6 +90,11 @@ def _load_trained_fast(fast: FastMemory, model_fingerprint: str) -> bool:
     return True
 
 
+# In-session recall of the 10 benchmark users by gain (stop 25, `benchmarks/README.md`): 1: 75%,
+# 1.25: 79%, 1.5: 81%, 2: 81% (with broken answers: "Your Laezaen Laezaen."), 3: 63%.
+RECALL_GAIN = 1.5
+
+
 class NsamModel:
     def __init__(self, model: Transformer, tokenizer, levels: LevelsConfig, source: str,
                  context_window: int = 2048, consolidation: ConsolidationConfig = ConsolidationConfig()):
@@ -98,9 +103,10 @@ class NsamModel:
         self.consolidation = consolidation
         # Hold taught values to their owners while decoding (`binding`); off: the levels alone.
         self.binding_guard = True
-        # A reply to a question about what the user taught (its guard frees a taught value) reads
-        # the LoRA levels times this: the turns in the window otherwise lead the answer astray.
-        self.recall_gain = 1.0
+        # A reply to a question about what the user taught (its guard asks for a taught value)
+        # reads the LoRA levels times this: the turns in the window otherwise lead the answer
+        # astray ("Your job is a precious thing." for "You work at Ripex.").
+        self.recall_gain = RECALL_GAIN
         self._vocabulary: VocabularyIndex | None = None
         fast_spec = next((s for s in levels.levels if s.rule == "associative"), None)
         self.fast_params = None
@@ -275,7 +281,8 @@ class Generator:
     def add(self, request_id: str, prompt_ids: list[int], session_state: bytes, params: SamplingParams,
             fresh_tokens: int | None = None, messages: list[dict[str, str]] | None = None) -> None:
         """`messages`: the session so far the prompt was made from (ending with the user's
-        message); with them the reply holds taught values to their owners (`binding`)."""
+        message); with them the reply holds taught values to their owners (`binding`), and a
+        question about one of them reads the LoRA levels `recall_gain` times harder."""
         params.validate()
         state = self.owner._read(session_state, "session")
         guard = self.owner.binding_guard_for(state, messages) if messages is not None else None

@@ -6,6 +6,7 @@ import pytest
 
 from nsam.model.binding import BindingGuard, VocabularyIndex, bound_value
 from nsam.model.facts import extract_facts
+from nsam.model.runtime import RECALL_GAIN
 from nsam.model.sampling import SamplingParams
 
 FACTS = extract_facts("By the way, my sister's name is Taetil. I live in Foubrae, a small town by the river. "
@@ -217,4 +218,4 @@ def test_only_a_question_about_what_the_user_taught_reads_the_levels_harder(tiny
             g.add(rid, m.encode_chat(msgs, 200), session, SamplingParams(max_tokens=4), None, msgs)
         assert [r.lora_gain for r in g.inner.waiting] == [2.0, 1.0, 1.0]
     finally:
-        m.recall_gain = 1.0
+        m.recall_gain = RECALL_GAIN
