@@ -260,10 +260,12 @@ def load_sessions(folder: Path, episodes):
     saved = json.loads(index.read_text())
     if any(e.user not in saved["users"] for e in episodes):
         return None
-    pick = lambda d: {e.user: d[e.user] for e in episodes}  # noqa: E731
-    states = {e.user: (folder / f"{e.user}.state").read_bytes() for e in episodes}
-    return (states, pick(saved["history"]), pick(saved["frozen_history"]), saved["update_seconds"],
-            saved["update_tokens"], saved["teach_seconds"])
+    users = [e.user for e in episodes]
+    states = {u: (folder / f"{u}.state").read_bytes() for u in users}
+    history = {u: saved["history"][u] for u in users}
+    frozen_history = {u: saved["frozen_history"][u] for u in users}
+    return (states, history, frozen_history, saved["update_seconds"], saved["update_tokens"],
+            saved["teach_seconds"])
 
 
 def filler_replies(episodes, history: dict[str, list[dict]]) -> dict:
