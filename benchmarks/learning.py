@@ -240,32 +240,52 @@ def teach_sessions(m: NsamModel, chat: Chat, episodes, window: int, user_states:
     return states, history, upd_seconds, upd_tokens
 
 
-def save_sessions(folder: Path, episodes, states: dict, history: dict, frozen_history: dict,
-                  upd_s: float, upd_tok: int, seconds: float) -> None:
-    """Session 1 as taught, so later runs can ask it other ways without teaching it again
-    (`--session-cache`): one state file per user and the transcripts."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for e in episodes:
-        (folder / f"{e.user}.state").write_bytes(states[e.user])
-    (folder / "sessions.json").write_text(json.dumps({
-        "users": [e.user for e in episodes], "history": history, "frozen_history": frozen_history,
-        "update_seconds": upd_s, "update_tokens": upd_tok, "teach_seconds": seconds}))
+class SessionCache:
+    """`--session-cache`: session 1 as taught and its consolidated user levels, so later runs
+    can ask them other ways without teaching or consolidating again. One folder: per user
+    `<user>.state` (session 1) and `<user>.user` (after consolidation), `sessions.json` (the
+    transcripts and teaching times), `consolidations.json` (the reports)."""
 
+    def __init__(self, folder: Path):
+        self.folder = folder
 
-def load_sessions(folder: Path, episodes):
-    """What `save_sessions` wrote, when it holds these users; None otherwise."""
-    index = folder / "sessions.json"
-    if not index.exists():
-        return None
-    saved = json.loads(index.read_text())
-    if any(e.user not in saved["users"] for e in episodes):
-        return None
-    users = [e.user for e in episodes]
-    states = {u: (folder / f"{u}.state").read_bytes() for u in users}
-    history = {u: saved["history"][u] for u in users}
-    frozen_history = {u: saved["frozen_history"][u] for u in users}
-    return (states, history, frozen_history, saved["update_seconds"], saved["update_tokens"],
-            saved["teach_seconds"])
+    def sessions(self, episodes):
+        """(states, history, frozen history, update seconds, update tokens, teach seconds) of
+        these users, or None when the folder does not hold them all."""
+        index = self.folder / "sessions.json"
+        if not index.exists():
+            return None
+        saved = json.loads(index.read_text())
+        users = [e.user for e in episodes]
+        if any(u not in saved["users"] for u in users):
+            return None
+        states = {u: (self.folder / f"{u}.state").read_bytes() for u in users}
+        history = {u: saved["history"][u] for u in users}
+        frozen_history = {u: saved["frozen_history"][u] for u in users}
+        return (states, history, frozen_history, saved["update_seconds"], saved["update_tokens"],
+                saved["teach_seconds"])
+
+    def save_sessions(self, states: dict, history: dict, frozen_history: dict, upd_s: float, upd_tok: int,
+                      seconds: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for user, state in states.items():
+            (self.folder / f"{user}.state").write_bytes(state)
+        (self.folder / "sessions.json").write_text(json.dumps({
+            "users": list(states), "history": history, "frozen_history": frozen_history,
+            "update_seconds": upd_s, "update_tokens": upd_tok, "teach_seconds": seconds}))
+
+    def consolidated(self, episodes):
+        """(user states, consolidation reports) of these users, or None when not all are held."""
+        users = [e.user for e in episodes]
+        if not all((self.folder / f"{u}.user").exists() for u in users):
+            return None
+        saved = {c["user"]: c for c in json.loads((self.folder / "consolidations.json").read_text())}
+        return {u: (self.folder / f"{u}.user").read_bytes() for u in users}, [saved[u] for u in users]
+
+    def save_consolidated(self, user_states: dict, reports: list) -> None:
+        for user, state in user_states.items():
+            (self.folder / f"{user}.user").write_bytes(state)
+        (self.folder / "consolidations.json").write_text(json.dumps(reports))
 
 
 def filler_replies(episodes, history: dict[str, list[dict]]) -> dict:
@@ -649,7 +669,8 @@ def session_phase(m: NsamModel, chat: Chat, episodes, args, details: dict, fresh
     """Session 1 (teaching) and the in-session questions."""
     # 1) session 1: teach through chat turns, medium updates after each reply.
     t0 = time.perf_counter()
-    cached = load_sessions(args.session_cache, episodes) if args.session_cache else None
+    cache = SessionCache(args.session_cache) if args.session_cache else None
+    cached = cache.sessions(episodes) if cache else None
     if cached is not None:
         states, history, frozen_history, upd_s, upd_tok, details["teach_seconds"] = cached
         log(f"session 1 of {len(episodes)} users read from {args.session_cache} (not taught again)")
@@ -659,9 +680,8 @@ def session_phase(m: NsamModel, chat: Chat, episodes, args, details: dict, fresh
         details["teach_seconds"] = time.perf_counter() - t0
         _, frozen_history, _, _ = teach_sessions(m, Chat(m, args.batch, learning=False), episodes, args.window,
                                                  {e.user: fresh_user for e in episodes}, learning=False)
-        if args.session_cache:
-            save_sessions(args.session_cache, episodes, states, history, frozen_history, upd_s, upd_tok,
-                          details["teach_seconds"])
+        if cache:
+            cache.save_sessions(states, history, frozen_history, upd_s, upd_tok, details["teach_seconds"])
     filler = filler_replies(episodes, history)
     filler_frozen = filler_replies(episodes, frozen_history)
     details["filler_replies_with_taught_value"] = filler["with_taught_value"]
@@ -760,19 +780,17 @@ def cross_session_phase(m: NsamModel, chat: Chat, episodes, states: dict, histor
             f"probe {rep.probe_loss:.3f} vs {rep.baseline_probe_loss:.3f}, {rep.steps_kept} of {rep.steps_trained} "
             f"steps, rehearsed answers said {rep.answers_said:.0%}, {seconds:.0f}s")
 
-    cache = args.session_cache
-    if cache and all((cache / f"{e.user}.user").exists() for e in episodes):
-        user_states = {e.user: (cache / f"{e.user}.user").read_bytes() for e in episodes}
-        saved = {c["user"]: c for c in json.loads((cache / "consolidations.json").read_text())}
-        cons = [saved[e.user] for e in episodes]
-        log(f"consolidated user levels of {len(episodes)} users read from {cache} (not consolidated again)")
+    cache = SessionCache(args.session_cache) if args.session_cache else None
+    cached = cache.consolidated(episodes) if cache else None
+    if cached is not None:
+        user_states, cons = cached
+        log(f"consolidated user levels of {len(episodes)} users read from {args.session_cache} "
+            "(not consolidated again)")
     else:
         done = consolidate_all(m, [(fresh_user, states[e.user], history[e.user]) for e in episodes], args, record)
         user_states = {e.user: new for e, (new, _, _) in zip(episodes, done)}
         if cache:
-            for e in episodes:
-                (cache / f"{e.user}.user").write_bytes(user_states[e.user])
-            (cache / "consolidations.json").write_text(json.dumps(cons))
+            cache.save_consolidated(user_states, cons)
     details["consolidations"] = cons
     user_state_bytes = len(user_states[episodes[0].user])
 
