@@ -276,10 +276,13 @@ class SessionCache:
 
     def consolidated(self, episodes):
         """(user states, consolidation reports) of these users, or None when not all are held."""
-        users = [e.user for e in episodes]
-        if not all((self.folder / f"{u}.user").exists() for u in users):
+        index = self.folder / "consolidations.json"  # written after the states: holds only finished runs
+        if not index.exists():
             return None
-        saved = {c["user"]: c for c in json.loads((self.folder / "consolidations.json").read_text())}
+        saved = {c["user"]: c for c in json.loads(index.read_text())}
+        users = [e.user for e in episodes]
+        if any(u not in saved for u in users):
+            return None
         return {u: (self.folder / f"{u}.user").read_bytes() for u in users}, [saved[u] for u in users]
 
     def save_consolidated(self, user_states: dict, reports: list) -> None:

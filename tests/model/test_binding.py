@@ -6,7 +6,6 @@ import pytest
 
 from nsam.model.binding import BindingGuard, VocabularyIndex, bound_value
 from nsam.model.facts import extract_facts
-from nsam.model.runtime import RECALL_GAIN
 from nsam.model.sampling import SamplingParams
 
 FACTS = extract_facts("By the way, my sister's name is Taetil. I live in Foubrae, a small town by the river. "
@@ -205,17 +204,14 @@ def test_a_question_about_a_taught_value_is_told_from_a_statement_of_it(tiny_mod
     assert BindingGuard(index, FACTS, "How do I bake bread?").asked == []
 
 
-def test_only_a_question_about_what_the_user_taught_reads_the_levels_harder(tiny_model):
+def test_only_a_question_about_what_the_user_taught_reads_the_levels_harder(tiny_model, monkeypatch):
     m = tiny_model
     user = m._write(replace(m._read(m.new_user_state(), "user"), facts=tuple(FACTS)))
     session = m.new_session_state(user)
-    m.recall_gain = 2.0
-    try:
-        g = m.generator(4)
-        for rid, text in (("asks", "What's my sister called again?"), ("states", "My sister's name is Taetil."),
-                          ("other", "How do I bake bread?")):
-            msgs = [{"role": "user", "content": text}]
-            g.add(rid, m.encode_chat(msgs, 200), session, SamplingParams(max_tokens=4), None, msgs)
-        assert [r.lora_gain for r in g.inner.waiting] == [2.0, 1.0, 1.0]
-    finally:
-        m.recall_gain = RECALL_GAIN
+    monkeypatch.setattr(m, "recall_gain", 2.0)
+    g = m.generator(4)
+    for rid, text in (("asks", "What's my sister called again?"), ("states", "My sister's name is Taetil."),
+                      ("other", "How do I bake bread?")):
+        msgs = [{"role": "user", "content": text}]
+        g.add(rid, m.encode_chat(msgs, 200), session, SamplingParams(max_tokens=4), None, msgs)
+    assert [r.lora_gain for r in g.inner.waiting] == [2.0, 1.0, 1.0]
