@@ -21,7 +21,7 @@ from .backbone import Transformer
 from .binding import BindingGuard, VocabularyIndex
 from .consolidation import ConsolidationConfig, ConsolidationReport, consolidate, learn_turn
 from .facts import Fact, extract_facts
-from .generation import Generator as _Generator
+from .generation import Generator
 from .generation import TokenEvent
 from .levels import AssociativeState, FastLevelRunner, FastMemory, LevelSpec, LevelsConfig, default_levels, new_state
 from .loading import load
@@ -30,7 +30,7 @@ from .state import MemoryState, StateError, user_snapshot
 from .tokenizer import ByteTokenizer
 from .updates import LevelReport, TrainingExample, levels_loss, update_on_examples
 
-__all__ = ["NsamModel", "Generator", "SamplingParams", "TokenEvent", "LevelReport",
+__all__ = ["NsamModel", "SessionBatch", "SamplingParams", "TokenEvent", "LevelReport",
            "ConsolidationReport", "StateError", "DocumentChunk", "DOCUMENT_CHUNK_TOKENS"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -212,8 +212,8 @@ class NsamModel:
         return state.to_bytes(self.fingerprint, self.levels)
 
     # -- serving -------------------------------------------------------------------------------
-    def generator(self, max_batch: int, learning: bool = True) -> "Generator":
-        return Generator(self, max_batch, learning)
+    def generator(self, max_batch: int, learning: bool = True) -> "SessionBatch":
+        return SessionBatch(self, max_batch, learning)
 
     def update_medium(self, session_state: bytes, messages: list[dict[str, str]]
                       ) -> tuple[bytes, list[LevelReport]]:
@@ -267,13 +267,14 @@ class NsamModel:
         return self._write(replace(user.with_level("user", new), facts=report.known)), report
 
 
-class Generator:
-    """Continuous batching over sessions given as state bytes (see `generation.Generator`)."""
+class SessionBatch:
+    """Continuous batching over sessions given as state bytes: wraps `generation.Generator`,
+    reading each session's levels from its state and writing the fast level back after the turn."""
 
     def __init__(self, owner: NsamModel, max_batch: int, learning: bool):
         self.owner = owner
         self.learning = learning
-        self.inner = _Generator(owner.model, owner.tokenizer, owner.levels, owner.fast_params, max_batch,
+        self.inner = Generator(owner.model, owner.tokenizer, owner.levels, owner.fast_params, max_batch,
                                 owner.context_window, learning)
         self.states: dict[str, MemoryState] = {}
         self.started: dict[str, float] = {}

@@ -1,7 +1,7 @@
 """The engine: owns the NsamModel and the one thread that runs it, and orchestrates a turn.
 
 `ModelThread` is the only code that touches the model. Its thread decodes every active
-turn in one continuous batch (one `Generator`) and runs the other model calls (encoding,
+turn in one continuous batch (one `SessionBatch`) and runs the other model calls (encoding,
 medium updates, consolidation) between decode steps, so the non-thread-safe model is used
 by one thread and the asyncio event loop never blocks on model work.
 
