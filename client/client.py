@@ -80,6 +80,13 @@ def _sync_rpc_errors(fn):
     return wrapper
 
 
+
+def _finished(result: TurnResult | None) -> TurnResult:
+    """A turn's result; a stream that ended without one was cancelled on the server."""
+    if result is None:
+        raise NsamError(grpc.StatusCode.ABORTED, "the turn ended without a result (cancelled)")
+    return result
+
 class AsyncClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
                  tls: bool = False, root_cert: str | Path | None = None):
@@ -132,11 +139,11 @@ class AsyncClient:
     async def send(self, session_id: str, message: str,
                    sampling: Sampling | None = None) -> TurnResult:
         """One whole turn; returns its result."""
-        result = None
+        result: TurnResult | None = None
         async for item in self.chat(session_id, message, sampling):
             if isinstance(item, TurnResult):
                 result = item
-        return result
+        return _finished(result)
 
     @_rpc_errors
     async def read_document(self, session_id: str, text: str) -> DocumentRead:
@@ -237,11 +244,11 @@ class Client:
             call.cancel()
 
     def send(self, session_id: str, message: str, sampling: Sampling | None = None) -> TurnResult:
-        result = None
+        result: TurnResult | None = None
         for item in self.chat(session_id, message, sampling):
             if isinstance(item, TurnResult):
                 result = item
-        return result
+        return _finished(result)
 
     @_sync_rpc_errors
     def read_document(self, session_id: str, text: str) -> DocumentRead:
