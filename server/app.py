@@ -3,7 +3,8 @@ worker, the gRPC server (services, health, reflection, the status interceptor) a
 
 `NsamServer.start` is what `nsam serve` runs and what tests start on a free port;
 `NsamServer.stop` drains: health turns NOT_SERVING, new RPCs are refused, turns in flight
-finish (up to the grace period), then the worker, the model thread and the store close.
+finish (up to the grace period; those still running then end with UNAVAILABLE saying whether
+they were committed), then the worker, the model threads and the store close.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from nsam.protos import nsam_pb2 as pb
 from nsam.protos import nsam_pb2_grpc as pb_grpc
 from nsam.server.auth import ApiKeys
 from nsam.server.engine import Engine, LevelBook, ModelThread
-from nsam.server.errors import StatusInterceptor, Unavailable
+from nsam.server.errors import InFlight, StatusInterceptor, Unavailable
 from nsam.server.service import AdminService, ChatService, MemoryService
 from nsam.server.settings import Settings
 from nsam.server.store import StateStore
@@ -40,7 +41,10 @@ def load_model(settings: Settings) -> Any:
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     size = settings.limits.max_grpc_message_bytes
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    # so_reuseport off: a second server on a taken port fails to start instead of silently
+    # sharing the port's traffic with the first (two stores behind one address)
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 0)]
 
 
 @dataclass
@@ -55,6 +59,7 @@ class NsamServer:
     worker: ConsolidationWorker | None = None
     worker_task: asyncio.Task | None = None
     health_task: asyncio.Task | None = None
+    in_flight: InFlight | None = None
     stopped: bool = False
 
     @classmethod
@@ -86,8 +91,25 @@ class NsamServer:
         consolidator = Consolidator(store, threads[-1], levels)
         engine = Engine(settings, store, threads[0], levels, consolidator,
                         learner=threads[1] if settings.learning else None)
+        in_flight = InFlight()
+        try:
+            server, health_servicer, port = await cls._grpc(settings, engine, keys, in_flight)
+        except BaseException:
+            await asyncio.gather(*(asyncio.to_thread(t.stop) for t in threads))
+            await store.close()
+            raise
+        self = cls(settings, port, store, threads, engine, server, health_servicer, in_flight=in_flight)
+        self.health_task = asyncio.create_task(self._follow_store(), name="nsam-health")
+        if inprocess:
+            self.worker = ConsolidationWorker(store, consolidator, settings.consumer_name,
+                                              settings.claim_idle_ms)
+            self.worker_task = asyncio.create_task(self.worker.run(), name="nsam-consolidation")
+        return self
 
-        server = grpc.aio.server(interceptors=[StatusInterceptor()], options=grpc_options(settings))
+    @staticmethod
+    async def _grpc(settings: Settings, engine: Engine, keys: ApiKeys,
+                    in_flight: InFlight) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        server = grpc.aio.server(interceptors=[StatusInterceptor(in_flight)], options=grpc_options(settings))
         pb_grpc.add_ChatServiceServicer_to_server(ChatService(engine, keys), server)
         pb_grpc.add_MemoryServiceServicer_to_server(MemoryService(engine, keys), server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminService(engine, keys), server)
@@ -97,25 +119,24 @@ class NsamServer:
             [*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
         address = f"{settings.host}:{settings.port}"
-        if settings.tls:
-            creds = grpc.ssl_server_credentials(
-                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if settings.tls:
+                creds = grpc.ssl_server_credentials(
+                    [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise RuntimeError(f"cannot listen for gRPC on {address}: port {settings.port} is taken "
+                               "(another nsam?) or the address is not this machine's; choose --port/--host")
         await server.start()
         # "liveness" stays SERVING through a store outage (a restart would not fix the store);
         # the others follow it (`_follow_store`). All turn NOT_SERVING when draining.
         for name in ["", *SERVICES, "liveness"]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-        self = cls(settings, port, store, threads, engine, server, health_servicer)
-        self.health_task = asyncio.create_task(self._follow_store(), name="nsam-health")
-        if inprocess:
-            self.worker = ConsolidationWorker(store, consolidator, settings.consumer_name,
-                                              settings.claim_idle_ms)
-            self.worker_task = asyncio.create_task(self.worker.run(), name="nsam-consolidation")
-        return self
+        return server, health_servicer, port
 
     async def _follow_store(self) -> None:
         """Health says NOT_SERVING while the state store is unreachable (every RPC would fail
@@ -144,7 +165,15 @@ class NsamServer:
         if self.health_task is not None:
             self.health_task.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)  # refuses new RPCs, lets turns in flight finish
+        # New RPCs are refused at once; turns in flight get `grace` seconds to commit, then each
+        # is ended with UNAVAILABLE saying whether it was committed (InFlight.drain); gRPC's own
+        # cancellation is only the backstop after that.
+        closing = asyncio.create_task(self.grpc_server.stop(grace + 10))
+        given_up = await self.in_flight.drain(grace) if self.in_flight else 0
+        if given_up:
+            log.warning("shutdown: %d call(s) still running after %.0f s were ended "
+                        "(their callers were told whether they committed)", given_up, grace)
+        await closing
         # A consolidation takes minutes on a CPU: one still running is interrupted before its next
         # model call rather than awaited; its job stays queued and a worker redoes it.
         if self.worker is not None:
@@ -158,7 +187,11 @@ def start_metrics(settings: Settings) -> None:
         from prometheus_client import start_http_server
 
         from nsam.server import metrics
-        start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        try:
+            start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve /metrics on {settings.host}:{settings.metrics_port}: "
+                               f"{exc.strerror or exc} (choose --metrics-port; 0 turns it off)") from exc
 
 
 def connect_hint(settings: Settings, port: int, store: StateStore) -> str:

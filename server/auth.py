@@ -58,6 +58,10 @@ class Principal:
 OPEN = Principal(open=True)
 
 
+class KeysFileError(ValueError):
+    """A keys file that cannot be used; the message names the file and line."""
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -67,7 +71,7 @@ def _parse_principal(text: str, where: str) -> Principal:
         return Principal(admin=True)
     if text.startswith("user:") and USER_ID.match(text[5:]):
         return Principal(user=text[5:])
-    raise ValueError(f"{where}: principal must be 'admin' or 'user:<id>', got {text!r}")
+    raise KeysFileError(f"{where}: principal must be 'admin' or 'user:<id>', got {text[:40]!r}")
 
 
 class ApiKeys:
@@ -89,17 +93,23 @@ class ApiKeys:
                 continue
             parts = line.split()
             if len(parts) != 2:
-                raise ValueError(f"{source}:{n}: expected '<key> <principal>'")
+                raise KeysFileError(f"{source}:{n}: expected '<key> <principal>', got {len(parts)} fields")
             keys[_digest(parts[0])] = _parse_principal(parts[1], f"{source}:{n}")
         if not keys:
-            raise ValueError(f"{source}: no keys (remove the file to run in open local mode)")
+            raise KeysFileError(f"{source}: no keys (remove the file to run in open local mode)")
         return cls(keys)
 
     @classmethod
     def from_file(cls, path: Path | None) -> "ApiKeys":
         if path is None:
             return cls.open_mode()
-        return cls.from_lines(path.read_text().splitlines(), str(path))
+        lines = []
+        for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise KeysFileError(f"{path}:{n}: not UTF-8 text") from None
+        return cls.from_lines(lines, str(path))
 
     @property
     def open(self) -> bool:

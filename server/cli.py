@@ -18,6 +18,7 @@ import signal
 import sys
 
 from nsam.server.errors import ServiceError
+from nsam.server.auth import KeysFileError
 from nsam.server.settings import Settings, add_serve_flags, add_worker_flags, settings_from_args
 
 log = logging.getLogger("nsam")
@@ -58,7 +59,7 @@ async def consolidate(settings: Settings) -> None:
     print(f"nsam consolidation worker {settings.consumer_name} on {store.location}", flush=True)
     await asyncio.wait([task, asyncio.create_task(_until_signal())],
                        return_when=asyncio.FIRST_COMPLETED)
-    await worker.shutdown(task, 60)
+    await worker.shutdown(task, settings.shutdown_grace_s)
     await asyncio.to_thread(thread.stop)
     await store.close()
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
-    except (ServiceError, OSError, RuntimeError) as exc:  # store unreachable, port taken, ...
+    except (ServiceError, OSError, RuntimeError, KeysFileError) as exc:  # store down, port taken, ...
         print(f"nsam {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

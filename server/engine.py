@@ -308,6 +308,7 @@ class Engine:
 
     async def consolidate_now(self, user: str, session_id: str | None) -> list[ConsolidationOutcome]:
         if session_id:
+            await self.store.get_session(session_id, with_transcript=False)  # NOT_FOUND if unknown
             return [await self.consolidator.run(session_id)]
         sessions = await self.store.list_sessions(user)
         return [await self.consolidator.run(s.session_id) for s in sessions]

@@ -4,11 +4,17 @@ Domain code raises a `ServiceError` subclass (never `context.abort`); `StatusInt
 turns it into the status code, counts the RPC in `nsam_requests_total` and times it. Any
 other exception is a bug: it is logged with its traceback and the caller sees INTERNAL
 without internals.
+
+`InFlight` tracks the RPCs running, so a graceful stop waits for them and then ends the ones
+it gives up on with UNAVAILABLE saying whether the call committed (never gRPC's bare
+"Cancelling all calls" after a reply the client took for saved).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -60,6 +66,51 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+# The version a call committed (set by the store in the call's own task), for the shutdown message.
+_committed: contextvars.ContextVar[int | None] = contextvars.ContextVar("nsam_committed", default=None)
+
+
+def mark_committed(version: int) -> None:
+    _committed.set(version)
+
+
+class InFlight:
+    """The RPCs running on this server; `drain` is the graceful stop's wait."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        self.giving_up = False
+
+    def add(self) -> asyncio.Task | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+        return task
+
+    async def drain(self, grace: float, abort_s: float = 5.0) -> int:
+        """Waits up to `grace` seconds for the running RPCs, then stops the rest (each tells
+        its caller what was committed); returns how many were stopped."""
+        deadline = time.monotonic() + grace
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = [t for t in self.tasks if not t.done()]
+        self.giving_up = True
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=abort_s)
+        return len(left)
+
+
+def shutdown_message() -> str:
+    version = _committed.get()
+    if version is None:
+        return ("the server is shutting down and stopped this call before it was committed: nothing "
+                "of it was saved (a turn leaves its session at the version before it); send it again")
+    return (f"the server is shutting down: this call was committed (version {version}) "
+            "but its reply was cut short")
+
+
 def _method_name(full: str) -> str:
     # "/nsam.v1.ChatService/Chat" -> "ChatService/Chat"; bounded label set
     return full.rsplit(".", 1)[-1] if full else "unknown"
@@ -68,6 +119,9 @@ def _method_name(full: str) -> str:
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions to status codes and records request metrics for every unary-response
     and server-streaming RPC (health and reflection included)."""
+
+    def __init__(self, in_flight: InFlight | None = None):
+        self.in_flight = in_flight or InFlight()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -79,12 +133,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         method = _method_name(details.method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
+                _wrap_unary(handler.unary_unary, method, self.in_flight),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
+                _wrap_stream(handler.unary_stream, method, self.in_flight),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
@@ -109,38 +163,55 @@ def _ok(context: grpc.aio.ServicerContext, method: str) -> None:
     metrics.requests_total.labels(method, (code or grpc.StatusCode.OK).name).inc()
 
 
-def _wrap_unary(fn: Callable[..., Awaitable[Any]], method: str):
+async def _given_up(context: grpc.aio.ServicerContext, method: str) -> None:
+    """A graceful stop gave up on this call: say so, instead of vanishing."""
+    metrics.requests_total.labels(method, grpc.StatusCode.UNAVAILABLE.name).inc()
+    await context.abort(grpc.StatusCode.UNAVAILABLE, shutdown_message())
+
+
+def _wrap_unary(fn: Callable[..., Awaitable[Any]], method: str, in_flight: InFlight):
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
+        task = in_flight.add()
         try:
             response = await fn(request, context)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            if not in_flight.giving_up:
+                raise
+            await _given_up(context, method)
         except Exception as exc:  # noqa: BLE001 - the mapping point
             await _abort(context, exc, method)
         else:
             _ok(context, method)
             return response
         finally:
+            in_flight.tasks.discard(task)
             _finish(context, method, start)
     return unary
 
 
-def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str):
+def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str, in_flight: InFlight):
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         start = time.perf_counter()
+        task = in_flight.add()
         try:
-            async for item in fn(request, context):
-                yield item
+            async with contextlib.aclosing(fn(request, context)) as items:
+                async for item in items:
+                    yield item
         except grpc.aio.AbortError:
             raise
-        except asyncio.CancelledError:  # the client went away mid-stream
-            metrics.requests_total.labels(method, grpc.StatusCode.CANCELLED.name).inc()
-            raise
+        except asyncio.CancelledError:  # the client went away mid-stream, or a stop gave up
+            if not in_flight.giving_up:
+                metrics.requests_total.labels(method, grpc.StatusCode.CANCELLED.name).inc()
+                raise
+            await _given_up(context, method)
         except Exception as exc:  # noqa: BLE001 - the mapping point
             await _abort(context, exc, method)
         else:
             _ok(context, method)
         finally:
+            in_flight.tasks.discard(task)
             _finish(context, method, start)
     return stream

