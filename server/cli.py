@@ -18,7 +18,7 @@ import signal
 import sys
 
 from nsam.server.errors import ServiceError
-from nsam.server.auth import KeysFileError
+from nsam.server.auth import ApiKeys, KeysFileError
 from nsam.server.settings import Settings, add_serve_flags, add_worker_flags, settings_from_args
 
 log = logging.getLogger("nsam")

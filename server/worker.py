@@ -11,6 +11,9 @@ then it is acknowledged. The model runs on the caller's ModelThread, never here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import logging
 import math
 import time
@@ -38,6 +41,16 @@ class ConsolidationOutcome:
     seconds: float = 0.0
 
 
+def release_memory() -> None:
+    """Hands what a consolidation freed back to the OS. Its training allocates gigabytes of
+    short-lived buffers (activations, gradients, optimizer moments of the real model) on this
+    thread's malloc arena; glibc keeps them mapped after they are freed, so the RSS stays at
+    the peak of the largest consolidation so far unless trimmed."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class Consolidator:
     """Runs one consolidation (a session into its user level) end to end."""
 
@@ -62,6 +75,7 @@ class Consolidator:
         else:
             outcome = ConsolidationOutcome(session_id, "conflict", "user level kept moving", 0)
         metrics.consolidation_duration_seconds.observe(time.perf_counter() - start)
+        await self.thread.call(release_memory)
         if outcome.outcome != "conflict":
             metrics.consolidation_jobs_total.labels(outcome.outcome).inc()
         finite = outcome.probe_loss and math.isfinite(outcome.probe_loss)

@@ -101,3 +101,31 @@ async def test_tls(start_server, settings, tmp_path):
         assert (await c.create_session("alice")).user == "alice"
     async with AsyncClient(f"localhost:{server.port}") as plain:
         assert await code_of(plain.create_session("alice")) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("content, where", [
+    ("alice-key user:alice\nbroken-line\n", ":2: expected '<key> <principal>'"),
+    ("k user:al ice\n", ":1: expected"),
+    ("k root\n", ":1: principal must be"),
+    (b"k admin\n\xff\xfe user:x\n", ":2: not UTF-8"),
+])
+async def test_a_malformed_keys_file_names_file_and_line(tmp_path, content, where):
+    from nsam.server.auth import KeysFileError
+
+    path = tmp_path / "keys"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(KeysFileError) as err:
+        ApiKeys.from_file(path)
+    assert f"{path}{where}" in str(err.value)
+
+
+async def test_nsam_serve_with_a_malformed_keys_file_says_one_line(tmp_path):
+    import sys
+
+    path = tmp_path / "keys"
+    path.write_text("alice-key user:alice\nbroken-line\n")
+    run = subprocess.run([sys.executable, "-m", "nsam.server.cli", "serve", "--api-keys-file", str(path),
+                          "--model", "tiny", "--port", "0", "--metrics-port", "0",
+                          "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip() == f"nsam serve: {path}:2: expected '<key> <principal>', got 1 fields", run.stderr

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import generate_latest
 
-from nsam.client import AsyncClient, NsamError, Sampling
+from nsam.client import AsyncClient, NsamError, Sampling, TurnResult
 from nsam.server import metrics
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -178,3 +178,63 @@ async def test_health_follows_the_state_store(start_server, settings, own_redis,
         await server.stop(1)
         again.kill()
         again.wait()
+
+
+async def _slow_learning(server, seconds: float) -> None:
+    """Makes every medium update of `server` take `seconds` longer (a real model's on a CPU)."""
+    learn = server.engine._learn
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(seconds)
+        return await learn(*args, **kwargs)
+    server.engine._learn = slow
+
+
+async def test_sigterm_during_learning_commits_within_the_grace(start_server, settings):
+    server = await start_server(settings)
+    await _slow_learning(server, 1.0)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        s = await c.create_session("alice")
+        turn = asyncio.create_task(c.send(s.session_id, "My cousin is Bartholomew.", Sampling(max_tokens=4)))
+        await asyncio.sleep(0.5)  # decoded, learning
+        await server.stop(grace=10)
+        result = await turn
+    assert result.session_version == 1
+    assert (await server.store.get_session(s.session_id)).version == 1
+
+
+async def test_sigterm_past_the_grace_tells_the_client_its_turn_was_not_saved(start_server, settings):
+    server = await start_server(settings)
+    await _slow_learning(server, 5.0)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
+        s = await c.create_session("alice")
+        tokens, error = [], None
+        async def consume():
+            nonlocal error
+            try:
+                async for item in c.chat(s.session_id, "My cousin is Bartholomew.", Sampling(max_tokens=4)):
+                    tokens.append(item)
+            except NsamError as exc:
+                error = exc
+        turn = asyncio.create_task(consume())
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        await server.stop(grace=0.3)
+        await turn
+    assert time.monotonic() - started < 5
+    assert tokens and not any(isinstance(t, TurnResult) for t in tokens)  # the reply was seen...
+    assert error is not None and error.code == grpc.StatusCode.UNAVAILABLE
+    assert "not saved" in error.message or "before it was committed" in error.message, error.message
+    assert (await server.store.get_session(s.session_id)).version == 0  # ...and it says so
+
+
+async def test_a_second_server_on_a_taken_port_fails_naming_the_port(start_server, settings):
+    first = await start_server(settings)
+    with pytest.raises(RuntimeError, match=f"port {first.port} is taken"):
+        await start_server(settings, port=first.port)
+
+
+async def test_consolidate_now_of_an_unknown_session_is_not_found(client):
+    with pytest.raises(NsamError) as err:
+        await client.consolidate_now("alice", "alice:" + "0" * 24)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND

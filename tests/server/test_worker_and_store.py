@@ -198,3 +198,32 @@ async def test_a_consolidation_running_at_shutdown_is_interrupted_and_redone_lat
         fresh.stop()
     assert await store.user_level_version("alice") == 1
     assert (await store.queue_stats()).pending == 0
+
+
+async def test_embedded_redis_left_by_a_crash_is_stopped_and_its_data_kept(tmp_path):
+    """A redis-server whose nsam died (lock gone, server still up) is found by its pid file,
+    shut down with a save, and a fresh one serves the same data."""
+    import os
+
+    import redis
+
+    from nsam.server.embedded_redis import DataDirInUse, EmbeddedRedis
+
+    data = tmp_path / "data"
+    old = EmbeddedRedis(data, die_with_parent=False)
+    old.wait_ready()
+    redis.Redis(unix_socket_path=old.socket_path).set("k", "v")
+    with pytest.raises(DataDirInUse, match="in use by another nsam"):
+        EmbeddedRedis(data)
+    old._release_data_dir()  # nsam "crashed": its lock is gone, its redis-server is not
+    new = EmbeddedRedis(data)
+    try:
+        new.wait_ready()
+        assert old.proc.wait(10) is not None  # the stale server was stopped
+        assert redis.Redis(unix_socket_path=new.socket_path).get("k") == b"v"
+        assert all(oct(f.stat().st_mode & 0o777) in ("0o600", "0o700") for f in data.iterdir())
+        assert data.stat().st_mode & 0o777 == 0o700
+    finally:
+        new.close()
+    assert new.proc.poll() is not None and not (data / "redis.pid").exists()
+    assert not os.path.exists(f"/proc/{new.proc.pid}/cmdline") or new.proc.returncode is not None
