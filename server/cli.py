@@ -110,3 +110,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+        if args.command == "serve":
+            ApiKeys.from_file(settings.api_keys_file)  # a bad file fails before the model loads
