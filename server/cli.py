@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     run = serve if args.command == "serve" else consolidate
     try:
+        if args.command == "serve":
+            ApiKeys.from_file(settings.api_keys_file)  # a bad file fails before the model loads
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
@@ -110,5 +112,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-        if args.command == "serve":
-            ApiKeys.from_file(settings.api_keys_file)  # a bad file fails before the model loads
