@@ -5,8 +5,8 @@
     nsam consolidate    a consolidation worker process (any number share one Redis)
     nsam chat           terminal chat client
     nsam generate       offline generation (nsam.server.generate)
-    nsam train-memory   meta-train the memory levels (nsam.server.train_memory)
-    nsam anchor-text    write the slow levels' anchor and probe text (nsam.server.anchor_text)
+    nsam train-memory   meta-train the fast level (nsam.model.training.trainer)
+    nsam anchor-text    write the anchor text the levels are held to (nsam.model.training.anchor_text)
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from nsam.server.errors import ServiceError
 from nsam.server.auth import ApiKeys, KeysFileError
@@ -64,6 +65,90 @@ async def consolidate(settings: Settings) -> None:
     await store.close()
 
 
+def _train_memory_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nsam train-memory", description=(
+        "Meta-train the fast level (backbone frozen): small on a CPU (--steps 50), larger on a GPU "
+        "(--device cuda --steps 5000 --batch 16). Prints held-out figures before and after."))
+    p.add_argument("--model", default="default")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=1, help="episodes per step")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--facts", type=int, default=3, help="at most this many facts per teach segment")
+    p.add_argument("--general-weight", type=float, default=6.0)
+    p.add_argument("--control-weight", type=float, default=1.0,
+                   help="weight of keeping the backbone's replies to questions the facts do not answer")
+    p.add_argument("--init", type=Path, help="start from a previous run's output, at full read strength")
+    p.add_argument("--chat-share", type=float, default=0.5,
+                   help="share of episodes taught as chat sessions rather than one message and prose")
+    p.add_argument("--train-text", type=Path, nargs="*", default=[],
+                   help="ordinary text (files or folders of .txt); default: the package's anchor text")
+    p.add_argument("--train-skip-chars", type=int, default=0, help="skip this many characters of each file")
+    p.add_argument("--eval-text", type=Path, help="held-out text for the perplexity check")
+    p.add_argument("--window", type=int, default=256, help="tokens per general-text window")
+    p.add_argument("--eval-episodes", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("fast_memory.safetensors"))
+    p.add_argument("--install", action="store_true", help="write where the default model loads it from")
+    p.add_argument("--read-scale", type=float, default=1.0,
+                   help="scale of the read while what the memory holds is still in the attention window "
+                        "(the default preset ships at 0.25)")
+    p.add_argument("--evicted-read-scale", type=float,
+                   help="the read's scale once all of it has left the window; default: --read-scale")
+    p.add_argument("--document-read-scale", type=float,
+                   help="the read's scale for a document's text still in view; default: --read-scale")
+    return p
+
+
+def train_memory(argv: list[str]) -> int:
+    """`nsam train-memory`: flags to a TrainerConfig, figures as JSON lines."""
+    import json
+
+    parser = _train_memory_parser()
+    args = vars(parser.parse_args(argv))
+    install = args.pop("install")
+    from nsam.model.training.trainer import PRESET, TrainerConfig, train_fast_level
+
+    cfg = TrainerConfig(**{**args, "train_text": tuple(args["train_text"]),
+                           "out": PRESET if install else args["out"]})
+
+    def report(item: dict | str) -> None:
+        print(json.dumps(item) if isinstance(item, dict) else item, flush=True)
+
+    try:
+        report(train_fast_level(cfg, report))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return 0
+
+
+def anchor_text(argv: list[str]) -> int:
+    """`nsam anchor-text`: write model/presets/anchor.txt (or, --plain, anchor_plain.txt)."""
+    from nsam.model.training.anchor_text import PRESETS
+
+    parser = argparse.ArgumentParser(prog="nsam anchor-text", description=(
+        "Write the general text the memory levels are anchored to: the frozen model's own "
+        "paragraphs on fixed topics, deterministic for a seed."))
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--out", type=Path, default=PRESETS, help="folder to write into")
+    parser.add_argument("--tokens", type=int, default=160, help="tokens per paragraph")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--plain", action="store_true",
+                        help="continue a bare title instead of answering a chat request "
+                             "(consolidation's anchor, anchor_plain.txt)")
+    args = parser.parse_args(argv)
+    from nsam.model.runtime import NsamModel
+    from nsam.model.training.anchor_text import write_anchor_text
+
+    out, tokens = write_anchor_text(NsamModel.load(args.model), args.out, args.tokens, args.temperature,
+                                    args.seed, args.batch, args.plain)
+    print(f"{out}: {tokens} tokens")
+    return 0
+
+
 def _dispatch(module: str, argv: list[str]) -> int:
     import importlib
     return importlib.import_module(module).main(argv) or 0
@@ -74,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "generate":
         return _dispatch("nsam.server.generate", argv[1:])
     if argv and argv[0] == "train-memory":
-        return _dispatch("nsam.server.train_memory", argv[1:])
+        return train_memory(argv[1:])
     if argv and argv[0] == "anchor-text":
-        return _dispatch("nsam.server.anchor_text", argv[1:])
+        return anchor_text(argv[1:])
     if argv and argv[0] == "chat":
         from nsam.client.chat import main as chat_main
         return chat_main(argv[1:])
@@ -88,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     add_worker_flags(sub.add_parser("consolidate", help="run a consolidation worker"))
     sub.add_parser("chat", help="terminal chat client (nsam chat --help)")
     sub.add_parser("generate", help="offline generation (nsam generate --help)")
-    sub.add_parser("train-memory", help="meta-train the memory levels")
-    sub.add_parser("anchor-text", help="write the slow levels' anchor and probe text")
+    sub.add_parser("train-memory", help="meta-train the fast level (nsam train-memory --help)")
+    sub.add_parser("anchor-text", help="write the anchor text the levels are held to")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -119,3 +119,17 @@ def test_nsam_consolidate_process(redis_db, tmp_path):
     assert version == 1, out
     assert worker.returncode == 0, out
     assert "consolidation worker" in out
+
+
+def test_training_tools_run_from_the_command_line(tmp_path, capsys):
+    from nsam.server.cli import main
+
+    out = tmp_path / "fast.safetensors"
+    assert main(["train-memory", "--model", "tiny", "--steps", "0", "--eval-episodes", "2",
+                 "--out", str(out)]) == 0
+    assert out.exists() and '"after"' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train-memory", "--model", "tiny", "--read-scale", "-1", "--out", str(tmp_path / "never")])
+    assert "cannot be negative" in capsys.readouterr().err
+    assert main(["anchor-text", "--model", "tiny", "--tokens", "4", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "anchor.txt").exists()

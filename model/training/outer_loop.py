@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .backbone import Transformer
-from .consolidation import GENERAL_QUESTIONS
-from .levels import AssociativeState, BatchLevels, FastLevelRunner, FastMemory
-from .sampling import greedy_continuation
+from ..backbone import Transformer
+from ..learning.objectives import everyday_questions
+from ..levels import AssociativeState, BatchLevels, FastLevelRunner, FastMemory
+from ..sampling import greedy_continuation
+
+GENERAL_QUESTIONS = everyday_questions()[:18]  # the general-knowledge ones
 
 _ATTRIBUTES = ("favourite colour", "locker code", "cat's name", "home town", "employer", "boat's name",
                "lucky number", "sister's name", "street", "car's name", "teacher's name", "password hint",

@@ -1,4 +1,4 @@
-"""`nsam anchor-text`: write the general text the memory levels are anchored to.
+"""The anchor-text writer: the general text the memory levels are anchored to (`nsam anchor-text`).
 
 The frozen model writes it itself (sampled replies to "write a paragraph about ..." prompts):
 KL to the frozen model on its own samples estimates how far a level moved its distribution, and
@@ -12,8 +12,9 @@ The accept/reject probe (`probe.txt`, 1.1k tokens) stays hand-written prose, hel
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from ..runtime import NsamModel, SamplingParams
 
 TOPICS = (
     "rivers", "the history of bread", "how bridges are built", "volcanoes", "the post office", "honeybees",
@@ -28,37 +29,28 @@ TOPICS = (
 )
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nsam anchor-text", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "model" / "presets")
-    parser.add_argument("--tokens", type=int, default=160, help="tokens per paragraph")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--plain", action="store_true",
-                        help="continue a bare document title instead of answering a chat request: "
-                             "the model's prose outside the chat template, where most text it will see lies")
-    args = parser.parse_args(argv)
+PRESETS = Path(__file__).parents[1] / "presets"
 
-    from nsam.model.runtime import NsamModel, SamplingParams
 
-    model = NsamModel.load(args.model)
-    gen = model.generator(args.batch, learning=False)
+def write_anchor_text(model: NsamModel, out_dir: Path, tokens: int = 160, temperature: float = 1.0,
+                      seed: int = 0, batch: int = 8, plain: bool = False) -> tuple[Path, int]:
+    """Writes one paragraph per topic (`tokens` each) and returns the file and its token count.
+    `plain`: continue a bare title instead of answering a chat request: the model's prose outside
+    the chat template, where most text it will see lies."""
+    gen = model.generator(batch, learning=False)
     texts = {t: "" for t in TOPICS}
     fresh = model.new_session_state(None)
     for i, topic in enumerate(TOPICS):
-        if args.plain:
+        if plain:
             ids = model.tokenizer.encode(f"{topic[0].upper()}{topic[1:]}\n\n")
         else:
             ids = model.encode_chat([{"role": "user", "content": f"Write a paragraph about {topic}."}], 512)
-        gen.add(topic, ids, fresh, SamplingParams(max_tokens=args.tokens, temperature=args.temperature,
-                                                 top_p=0.95, seed=args.seed + i))
+        gen.add(topic, ids, fresh, SamplingParams(max_tokens=tokens, temperature=temperature,
+                                                 top_p=0.95, seed=seed + i))
     while gen.has_work():
         for event in gen.step():
             texts[event.request_id] += event.text
     paragraphs = [" ".join(texts[t].split()) for t in TOPICS]
-    out = args.out / ("anchor_plain.txt" if args.plain else "anchor.txt")
+    out = out_dir / ("anchor_plain.txt" if plain else "anchor.txt")
     out.write_text("\n".join(p for p in paragraphs if p) + "\n", encoding="utf-8")
-    print(f"{out}: {sum(model.count_tokens(p) for p in paragraphs)} tokens")
-    return 0
+    return out, sum(model.count_tokens(p) for p in paragraphs)
