@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from nsam.model.runtime import (ConsolidationReport, DocumentChunk, Fact, LevelReport, NsamModel,
+    from nsam.model.runtime import (ConsolidationReport, DocumentChunk, LevelReport, Note, NsamModel,
                                     SamplingParams, TokenEvent)
 
 Messages = list[dict[str, str]]  # chat messages: {"role": ..., "content": ...}
@@ -22,7 +22,7 @@ class DecodeBatch(Protocol):
     """Continuous batching over sessions: add turns, step them together, take each state back."""
 
     def add(self, request_id: str, prompt_ids: list[int], session_state: bytes, params: SamplingParams,
-            fresh_tokens: int | None = None, messages: Messages | None = None) -> None:
+            fresh_tokens: int | None = None) -> None:
         """Starts a turn; `fresh_tokens`: the prompt's trailing tokens new to the session."""
 
     def step(self) -> list[TokenEvent]:
@@ -54,7 +54,8 @@ class ServingModel(Protocol):
     def check_state(self, data: bytes, kind: str) -> None:
         """Raises `StateError` unless `data` is a readable state of `kind` ("user" | "session")."""
 
-    def user_facts(self, user_state: bytes) -> list[Fact]: ...
+    def user_notes(self, user_state: bytes) -> list[Note]:
+        """What the user level was taught, oldest first."""
 
     def generator(self, max_batch: int, learning: bool = True) -> DecodeBatch: ...
 

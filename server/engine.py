@@ -25,7 +25,7 @@ from nsam.server.settings import Limits, Settings
 from nsam.server.store import LevelVersion, QueueStats, SessionRecord, StateStore
 
 if TYPE_CHECKING:
-    from nsam.model.runtime import Fact, SamplingParams, TokenEvent
+    from nsam.model.runtime import Note, SamplingParams, TokenEvent
     from nsam.server.worker import ConsolidationOutcome, Consolidator
 
 # Callers that assemble an engine import its parts from here too.
@@ -62,7 +62,7 @@ class MemoryView:
     versions: list[LevelVersion]  # newest first
     sessions: list[SessionRecord]  # without state
     fingerprint: str
-    facts: list[Fact]  # what the current user level was taught
+    notes: list[Note]  # what the current user level was taught, oldest first
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class Engine:
             end: TurnEnd | None = None
             last = None
             async with contextlib.aclosing(
-                    self.thread.generate(prompt, state, params, fresh, messages)) as events:
+                    self.thread.generate(prompt, state, params, fresh)) as events:
                 async for item in events:
                     if isinstance(item, TurnEnd):
                         end = item
@@ -239,7 +239,6 @@ class Engine:
         if not self.settings.learning:
             return None, False
         self.levels.record(end.reports)
-        # The whole session: a turn that states facts is rehearsed with the session's earlier ones.
         messages = session.transcript + [{"role": "user", "content": message},
                                          {"role": "assistant", "content": reply}]
         state, reports = await self.learner.call(self.learner.model.update_medium, end.state, messages)
@@ -272,14 +271,14 @@ class Engine:
         version = await self.store.user_level_version(user)
         versions = await self.store.user_level_versions(user)
         sessions = await self.store.list_sessions(user)
-        facts: list[Fact] = []
+        notes: list[Note] = []
         level = await self.store.get_user_level(user) if version else None
         if level is not None:
             try:
-                facts = await self.thread.call(self.model.user_facts, level.state)
+                notes = await self.thread.call(self.model.user_notes, level.state)
             except StateError:  # damaged: still list the versions, to roll back to one
-                log.warning("user level of %s v%d cannot be read; listing no facts", user, version)
-        return MemoryView(user, version, versions, sessions, self.model.fingerprint, facts)
+                log.warning("user level of %s v%d cannot be read; listing no notes", user, version)
+        return MemoryView(user, version, versions, sessions, self.model.fingerprint, notes)
 
     async def export_memory(self, user: str, version: int | None) -> tuple[int, bytes]:
         level = await self.store.get_user_level(user, version)

@@ -55,7 +55,6 @@ class _Turn:
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     fresh_tokens: int | None = None  # trailing prompt tokens new to the session
-    messages: list[dict[str, str]] | None = None  # what the prompt was made from (the binding guard)
 
     def deliver(self, items: list[Any]) -> None:
         try:
@@ -92,15 +91,14 @@ class ModelThread:
         self._inbox.put(("call", (fn, args, future)))
         return await asyncio.wrap_future(future)
 
-    async def generate(self, prompt_ids: list[int], state: bytes, params: SamplingParams, fresh_tokens: int | None = None,
-                       messages: list[dict[str, str]] | None = None) -> AsyncGenerator[Any, None]:
+    async def generate(self, prompt_ids: list[int], state: bytes, params: SamplingParams,
+                       fresh_tokens: int | None = None) -> AsyncGenerator[Any, None]:
         """Streams TokenEvents of one turn, then one TurnEnd. Closing the iterator early
-        cancels the turn. `messages`: the session the prompt was made from; with them the reply
-        holds the user's taught values to their owners."""
+        cancels the turn. `fresh_tokens`: the prompt's trailing tokens new to the session."""
         if self._generator is None or self._stopped.is_set():
             raise Unavailable("the model is not serving generation now")
         turn = _Turn(f"t{next(self._ids)}", prompt_ids, state, params, asyncio.Queue(),
-                     asyncio.get_running_loop(), fresh_tokens, messages)
+                     asyncio.get_running_loop(), fresh_tokens)
         self._inbox.put(("add", turn))
         finished = False
         try:
@@ -180,8 +178,7 @@ class ModelThread:
         while self._pending and len(self._active) < self.max_batch:
             turn = self._pending.popleft()
             try:
-                self._batch.add(turn.request_id, turn.prompt_ids, turn.state, turn.params,
-                                    turn.fresh_tokens, turn.messages)
+                self._batch.add(turn.request_id, turn.prompt_ids, turn.state, turn.params, turn.fresh_tokens)
             except Exception as exc:  # noqa: BLE001 - e.g. a state the model refuses
                 turn.deliver([exc])
                 continue

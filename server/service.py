@@ -125,8 +125,8 @@ class MemoryService(_Edge, pb_grpc.MemoryServiceServicer):
         return pb.MemoryInfo(user=user, version=view.version, levels=levels,
                              versions=[version_pb(v) for v in view.versions],
                              model_fingerprint=view.fingerprint,
-                             facts=[pb.RememberedFact(key=f.key, value=f.value, answer=f.answer)
-                                    for f in view.facts])
+                             facts=[pb.RememberedFact(key=n.frame, value=n.value, answer=n.answer)
+                                    for n in view.notes])
 
     async def ExportMemory(self, request: pb.ExportMemoryRequest, context) -> pb.ExportMemoryResponse:
         user = self.caller(context).resolve_user(request.user)
