@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from episodes import make_episodes
-from learning import DEFAULT_GENERAL, Chat, ask, false_bound, log, mean_loss, score, unguarded
+from learning import Chat, ask, false_bound, log, mean_loss, score, unguarded
 from nsam.model.runtime import NsamModel
+
+GENERAL = Path(__file__).resolve().parent / "data" / "general_english.txt"  # a WikiText-2 slice (data/README.md)
 
 
 def main() -> None:
@@ -35,7 +37,7 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--config", default="{}", help="ConsolidationConfig overrides as JSON")
-    ap.add_argument("--general", type=Path, default=DEFAULT_GENERAL)
+    ap.add_argument("--general", type=Path, default=GENERAL, help="general English text (default: %(default)s)")
     ap.add_argument("--general-tokens", type=int, default=2048)
     ap.add_argument("--anchor", type=Path, nargs="+",
                     help="anchor text file(s) to use instead of the shipped model/presets/anchor_plain.txt")
@@ -44,6 +46,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="ask again from the states in --states instead of consolidating (another decoding, the same levels)")
     args = ap.parse_args()
+    if not args.general.is_file():
+        ap.error(f"--general {args.general}: no such file; benchmarks/data/README.md says where the text comes from")
     torch.set_num_threads(args.threads)
 
     m = NsamModel.load("default")

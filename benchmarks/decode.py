@@ -3,7 +3,7 @@
     python benchmarks/decode.py [--quick] [--threads N] [--json OUT]
 
 What is measured (CPU, `torch.inference_mode`, warm-up run first, median of repeats):
-- prefill: 8 prompts of 512 tokens. Ours: one packed `Generator.step()` (prefill + first token);
+- prefill: 8 prompts of 512 tokens. Ours: one packed `SessionBatch.step()` (prefill + first token);
   transformers: one (8, 512) forward with the cache, logits of the last token only (what
   `generate` does before its first token).
 - decode at batch 1 and batch 8: 128 new tokens per sequence after a 256-token prompt, greedy,

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 import learning  # noqa: E402
 
 from nsam.model.runtime import NsamModel  # noqa: E402
+
+GENERAL = HERE / "data" / "general_english.txt"  # a WikiText-2 slice (data/README.md)
 
 
 def main() -> None:
@@ -31,12 +34,14 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--override", default="{}", help="ConsolidationConfig fields as JSON")
     p.add_argument("--probe", type=Path, help="the accept/reject probe text (default: the shipped one)")
-    p.add_argument("--general", type=Path, default=learning.DEFAULT_GENERAL)
+    p.add_argument("--general", type=Path, default=GENERAL, help="general English text (default: %(default)s)")
     p.add_argument("--general-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    if not args.general.is_file():
+        p.error(f"--general {args.general}: no such file; benchmarks/data/README.md says where the text comes from")
     torch.set_num_threads(args.threads)
     override = json.loads(args.override)
     torch.manual_seed(0)
