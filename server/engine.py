@@ -76,14 +76,14 @@ class Engine:
     """Sessions, turns and user memory over the store and the model thread."""
 
     def __init__(self, settings: Settings, store: StateStore, thread: ModelThread,
-                 levels: LevelBook, consolidator: Consolidator, learner: ModelThread | None = None):
+                 level_book: LevelBook, consolidator: Consolidator, learner: ModelThread | None = None):
         self.settings = settings
         self.limits: Limits = settings.limits
         self.store = store
         self.thread = thread
         self.learner = learner or thread  # runs the medium updates
         self.model = thread.model
-        self.levels = levels
+        self.level_book = level_book
         self.consolidator = consolidator
         self._user_states: dict[tuple[str, int], bytes] = {}  # small cache by version
 
@@ -195,7 +195,7 @@ class Engine:
                     state, read = await self.learner.call(self.learner.model.read_document_chunk, state, ids)
                 except StateError as exc:
                     raise unreadable_session(exc) from exc
-                self.levels.record(read.reports)
+                self.level_book.record(read.reports)
                 predicted += read.tokens
                 loss_sum += read.loss * read.tokens
                 rejected += sum(not r.accepted and r.reason != "no-data" for r in read.reports)
@@ -238,11 +238,11 @@ class Engine:
         None (keep the stored state) when learning is off."""
         if not self.settings.learning:
             return None, False
-        self.levels.record(end.reports)
+        self.level_book.record(end.reports)
         messages = session.transcript + [{"role": "user", "content": message},
                                          {"role": "assistant", "content": reply}]
         state, reports = await self.learner.call(self.learner.model.update_medium, end.state, messages)
-        self.levels.record(reports)
+        self.level_book.record(reports)
         return state, True
 
     async def _keep_lease(self, session_id: str, token: str) -> None:
@@ -313,7 +313,7 @@ class Engine:
         return [await self.consolidator.run(s.session_id) for s in sessions]
 
     async def health(self) -> HealthView:
-        return HealthView(await self.store.queue_stats(), dict(self.levels.levels),
+        return HealthView(await self.store.queue_stats(), self.level_book.summary(),
                           self.settings.learning)
 
     async def _version_info(self, user: str, version: int) -> LevelVersion:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nsam.server import metrics
@@ -31,13 +31,13 @@ class LevelBook:
     (this process only) for GetMemoryHealth."""
 
     def __init__(self) -> None:
-        self.levels: dict[str, LevelHealth] = {}
+        self._health: dict[str, LevelHealth] = {}
         self._lock = threading.Lock()
 
     def record(self, reports: list[Any]) -> None:
         for r in reports:
             with self._lock:
-                h = self.levels.setdefault(r.level, LevelHealth())
+                h = self._health.setdefault(r.level, LevelHealth())
                 observe_finite(metrics.level_update_duration_seconds.labels(r.level), r.seconds)
                 if math.isfinite(r.surprise):
                     metrics.level_surprise.labels(r.level).observe(r.surprise)
@@ -53,3 +53,7 @@ class LevelBook:
                 observe_finite(metrics.level_state_norm.labels(r.level), r.state_norm)
                 observe_finite(metrics.level_drift.labels(r.level), r.drift)
 
+    def summary(self) -> dict[str, LevelHealth]:
+        """Each level's health so far, by level name (a copy)."""
+        with self._lock:
+            return {name: replace(h) for name, h in self._health.items()}

@@ -6,7 +6,6 @@ import grpc
 import pytest
 
 from nsam.client import AsyncClient, NsamError, Sampling, Token, TurnResult
-from nsam.model.runtime import NsamModel
 from nsam.server import metrics
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -198,24 +197,3 @@ async def test_learning_never_stalls_decoding(server, client):
     assert time.perf_counter() - started >= 2.5 and done.learned
     await asyncio.gather(*stalls)
 
-
-async def test_a_turn_brings_its_session_to_the_binding_guard(start_server, settings):
-    """The reply to a message is decoded with the session's messages, so the user's taught
-    values are held to their owners (`model/binding.py`)."""
-    model = NsamModel.load("tiny")
-    seen = []
-    guard_for = model.binding_guard_for
-
-    def spy(state, messages):
-        seen.append([m["content"] for m in messages])
-        return guard_for(state, messages)
-
-    model.binding_guard_for = spy
-    server = await start_server(settings, model=model)
-    async with AsyncClient(f"127.0.0.1:{server.port}") as c:
-        session = await c.create_session("alice", system_prompt="Be brief.")
-        await c.send(session.session_id, "My sister's name is Taetil.", Sampling(max_tokens=4))
-        await c.send(session.session_id, "What is my grandmother called?", Sampling(max_tokens=4))
-    first, second = seen
-    assert first == ["Be brief.", "My sister's name is Taetil."]
-    assert second[:2] == first and second[-1] == "What is my grandmother called?" and len(second) == 4

@@ -33,7 +33,8 @@ async def test_consolidation_via_the_stream_worker(client):
         await asyncio.sleep(0.05)
     info = await client.memory("alice")
     assert info.version == 1 and info.versions[0].source == "consolidation"
-    assert [(f.key, f.value, f.answer) for f in info.facts] == [("dog's name", "Rex", "Your dog's name is Rex.")]
+    # each note the level was taught: what it is about, its value, and the answer rehearsed
+    assert [(f.key, f.value, f.answer) for f in info.facts] == [("My dog's name is", "Rex", "Your dog's name is Rex.")]
     health = await client.memory_health()
     assert health.jobs_by_outcome.get("accepted") == 1 and health.queue_depth == 0
     # a new session starts from the new user level
