@@ -3,7 +3,7 @@
 that user is asked the benchmark's paraphrased questions and its never-taught ones.
 
     python benchmarks/consolidation.py --users 3 --json out/cons.json
-    python benchmarks/consolidation.py --users 3 --config '{"binding_weight": 0}' --json out/cons_nobind.json
+    python benchmarks/consolidation.py --users 3 --config '{"probe_ppl_budget": 0.03}' --json out/cons_budget3.json
 
 Reports per user and on average: recall, false binding, and the perplexity change on general
 English with the consolidated level vs the frozen model (the same first `--general-tokens`
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from episodes import make_episodes
-from learning import Chat, ask, false_bound, log, mean_loss, score, unguarded
+from learning import Chat, ask, false_bound, log, mean_loss, score
 from nsam.model.runtime import NsamModel
 
 GENERAL = Path(__file__).resolve().parent / "data" / "general_english.txt"  # a WikiText-2 slice (data/README.md)
@@ -93,33 +93,27 @@ def main() -> None:
             values[key] = [f.value for f in e.facts]
         out = ask(m, chat, questions, session, 256)
         answers.update(out)
-        with unguarded(m):  # the user level alone
-            raw = ask(m, chat, questions, session, 256)
-        answers.update({f"{k}|unguarded": v for k, v in raw.items()})
         row = {"user": e.user, "reused": report is None}
         if report is not None:
             row |= {"accepted": report.accepted, "reason": report.reason, "step_scale": report.step_scale,
-                    "steps_kept": report.steps_kept, "steps_trained": report.steps_trained,
+                    "steps_trained": report.steps_trained,
                     "answers_said": report.answers_said, "probe_change": report.probe_loss / report.baseline_probe_loss - 1}
         row |= {"recall": score(out, expected), "false_binding": false_bound(out, untaught, values),
-                "recall_unguarded": score(raw, expected), "false_binding_unguarded": false_bound(raw, untaught, values),
                 "general_ppl_change": math.exp(mean_loss(m, general, level) - frozen_loss) - 1,
                 "seconds": seconds}
         rows.append(row)
         mean = _write(args, m, overrides, rows, answers)
-        log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%} (without the binding "
-            f"guard {row['recall_unguarded']:.0%}, {row['false_binding_unguarded']:.0%}), general ppl "
+        log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%}, general ppl "
             f"{row['general_ppl_change']:+.2%}, " + ("reused" if report is None else
-            f"{report.reason}, {report.steps_kept} of {report.steps_trained} steps x{report.step_scale:g}, "
+            f"{report.reason}, {report.steps_trained} steps x{report.step_scale:g}, "
             f"rehearsed answers said {report.answers_said:.0%}") + f", {seconds:.0f}s")
-    log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%} "
-        f"(without the binding guard {mean['recall_unguarded']:.0%}, {mean['false_binding_unguarded']:.0%}), "
+    log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%}, "
         f"general ppl {mean['general_ppl_change']:+.2%} (frozen model: recall 0, ppl change 0)")
 
 
 def _write(args, m: NsamModel, overrides: dict, rows: list[dict], answers: dict) -> dict:
     """The means so far, also written to --json after every user: a run cut short keeps its figures."""
-    keys = ("recall", "false_binding", "recall_unguarded", "false_binding_unguarded", "general_ppl_change", "seconds")
+    keys = ("recall", "false_binding", "general_ppl_change", "seconds")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
