@@ -134,14 +134,40 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method, self.in_flight),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method, self.in_flight),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         return handler
+
+
+class _Undecodable:
+    """A request whose bytes are not the method's message (gRPC itself would answer UNKNOWN
+    with a Python exception name)."""
+
+    def __init__(self, exc: Exception):
+        self.reason = str(exc) or type(exc).__name__
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field
+            return _Undecodable(exc)
+    return parse
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid message of this method "
+                              f"(invalid protobuf or a string field that is not UTF-8): {request.reason[:80]}")
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
@@ -174,6 +200,7 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]], method: str, in_flight: InFli
         start = time.perf_counter()
         task = in_flight.add()
         try:
+            _check_decoded(request)
             response = await fn(request, context)
         except grpc.aio.AbortError:
             raise
@@ -197,6 +224,7 @@ def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str, in_flight: 
         start = time.perf_counter()
         task = in_flight.add()
         try:
+            _check_decoded(request)
             async with contextlib.aclosing(fn(request, context)) as items:
                 async for item in items:
                     yield item

@@ -5,13 +5,32 @@ Names carry the `nsam_` prefix and base units (seconds, bytes). Labels are bound
 The Grafana dashboard and alert rules in `helm/nsam/` use exactly these names.
 """
 
+import math
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+
+def log_buckets(low: float, high: float, per_decade: int = 3) -> tuple[float, ...]:
+    """Bucket bounds from low to high, `per_decade` to a power of ten, evenly in log space."""
+    n = round(math.log10(high / low) * per_decade)
+    return tuple(float(f"{low * 10 ** (i / per_decade):.3g}") for i in range(n + 1))
+
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Learning work: a medium update takes tens of seconds and a consolidation minutes on a CPU.
 _SLOW = _LATENCY + (60, 120, 300, 600, 1800, 3600)
-_NORM = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1, 5, 10, 50, 100, 1000)
 _LOSS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 6, 8, 12)
+# A level's health spans decades, and differently per level (one histogram holds all levels).
+# Measured once on the real default model (SmolLM2-135M-Instruct, CPU: two chat turns and a
+# consolidation; tests/server/test_operations.py checks a real turn still lands inside):
+#   fast    surprise 1.1e4-7.2e5   update norm 288-1185   state norm and drift 1185-1453
+#   medium  surprise 0.35-1.25     update norm 4.7-7.9    state norm and drift 7.9-9.9
+#   user                           update norm 11.3       drift 11.3
+# The ranges leave two decades or more around every one of them (3 buckets a decade).
+LEVEL_SURPRISE_RANGE = (1e-3, 1e8)
+LEVEL_NORM_RANGE = (1e-4, 1e6)
+_SURPRISE = log_buckets(*LEVEL_SURPRISE_RANGE)
+_NORM = log_buckets(*LEVEL_NORM_RANGE)
 _BYTES = tuple(2.0**k for k in range(10, 31, 2))
 _BATCH = (1, 2, 4, 8, 16, 32, 64)
 
@@ -44,7 +63,7 @@ batch_size = Histogram(
 # --- memory health, per level (fast, medium, user) ---------------------------------------
 level_surprise = Histogram(
     "nsam_level_surprise", "Inner loss seen by a level's update (its surprise).", ["level"],
-    buckets=_LOSS,
+    buckets=_SURPRISE,
 )
 level_update_norm = Histogram(
     "nsam_level_update_norm", "L2 norm of one accepted update to a level's weights.", ["level"],

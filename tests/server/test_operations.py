@@ -238,3 +238,26 @@ async def test_consolidate_now_of_an_unknown_session_is_not_found(client):
     with pytest.raises(NsamError) as err:
         await client.consolidate_now("alice", "alice:" + "0" * 24)
     assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.real_model
+async def test_level_histograms_hold_a_real_turns_values(real_model):
+    """The nsam_level_* buckets span what the real default model reports: one turn's fast writes
+    and medium update land inside the bucket range, none in +Inf or below the first bucket."""
+    from nsam.model.sampling import SamplingParams
+
+    messages = [{"role": "user", "content": "My cousin's name is Bartholomew and he lives in Lisbon."}]
+    prompt = real_model.encode_chat(messages, 256)
+    batch = real_model.generator(1, learning=True)
+    batch.add("t", prompt, real_model.new_session_state(None), SamplingParams(max_tokens=8))
+    while batch.has_work():
+        batch.step()
+    state, reports = batch.pop_state("t")
+    _, medium = real_model.update_medium(state, messages + [{"role": "assistant", "content": "Nice."}])
+    reports = [r for r in reports + medium if r.accepted]
+    assert {r.level for r in reports} == {"fast", "medium"}
+    surprise, norm = metrics.LEVEL_SURPRISE_RANGE, metrics.LEVEL_NORM_RANGE
+    for r in reports:
+        assert surprise[0] < r.surprise < surprise[1], r
+        for value in (r.update_norm, r.state_norm, r.drift):
+            assert norm[0] < value < norm[1], r
