@@ -3,7 +3,8 @@
 The `Generator` knows token ids, sampling and stop conditions; it knows nothing about
 sessions, users or storage. Each request brings its prompt ids, its level states and its
 sampling parameters; `step()` prefills newly added requests together (packed, no padding)
-and decodes one token for every running request in one batched pass.
+and decodes one token for every running request in one batched pass. It runs on the model's
+device: the states it is given are moved there, and only the sampled token ids come back to the host.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 from .backbone import PackedLayout, Transformer
 from .binding import BindingGuard
 from .levels import (AssociativeState, BatchLevels, FastLevelRunner, FastMemory, LevelsConfig,
-                     LoraState, stack_lora)
+                     LoraState, stack_lora, state_from_tensors, state_tensors)
 from .sampling import SamplingParams, sample_batch
 from .tokenizer import StreamDecoder
 
@@ -58,6 +59,7 @@ class Generator:
         self.levels, self.fast_params = levels, fast_params
         self.learning = learning
         self.max_seq = max_seq
+        self.device = model.embed_tokens.weight.device
         model.setup_caches(max_batch, max_seq)
         self.free_slots = list(range(max_batch))
         self.waiting: list[_Running] = []
@@ -82,7 +84,7 @@ class Generator:
                              f"the context window of {self.max_seq} tokens")
         if request_id in self.running or any(r.request_id == request_id for r in self.waiting):
             raise ValueError(f"request {request_id!r} is already running")
-        levels = levels or {}
+        levels = {name: _to_device(state, self.device) for name, state in (levels or {}).items()}
         lora = [levels[s.name] for s in self.lora_specs if s.name in levels]
         if lora and len(lora) != len(self.lora_specs):
             raise ValueError("a request must bring every LoRA level or none")
@@ -95,7 +97,7 @@ class Generator:
             # The history in the prompt was written by earlier turns and is still in view.
             fast = FastLevelRunner(self.fast_params, fast_state, read_only=max(0, old),
                                    in_context=max(0, old) if fresh_tokens is not None else None)
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         self.waiting.append(_Running(request_id, -1, list(prompt_ids), params, lora, fast, gen,
                                      StreamDecoder(self.tokenizer), guard or None, lora_gain))
 
@@ -162,24 +164,24 @@ class Generator:
             states = [r.lora if r.lora else [_zero_like(s) for s in example.lora] for r in batch]
             layers, a, b, scale = stack_lora(states, self.lora_specs)
             if any(r.lora_gain != 1.0 for r in batch):
-                b = b * torch.tensor([r.lora_gain for r in batch], dtype=b.dtype).view(-1, 1, 1, 1)
+                b = b * torch.tensor([r.lora_gain for r in batch], dtype=b.dtype, device=b.device).view(-1, 1, 1, 1)
             dtype = self.model.embed_tokens.weight.dtype
-            cached = self._stacked = (tuple(batch), (layers, a.to(dtype), b.to(dtype), scale))
+            cached = self._stacked = (tuple(batch), (layers, a.to(self.device, dtype), b.to(self.device, dtype), scale))
         return cached[1]
 
     def _prefill(self, batch: list[_Running]) -> None:
         layout = PackedLayout(tuple(r.slot for r in batch), tuple(0 for _ in batch),
                               tuple(len(r.prompt) for r in batch))
-        tokens = torch.tensor([t for r in batch for t in r.prompt])
+        tokens = torch.tensor([t for r in batch for t in r.prompt], device=self.device)
         logits = self.model.prefill(tokens, layout, self._hooks(batch, layout))
         for r in batch:
             r.position = len(r.prompt)
         self._sample(batch, logits)
 
     def _decode(self, batch: list[_Running]) -> None:
-        tokens = torch.tensor([r.next_token for r in batch])
-        slots = torch.tensor([r.slot for r in batch])
-        positions = torch.tensor([r.position for r in batch])
+        # One host-to-device copy for the three index vectors.
+        tokens, slots, positions = torch.tensor([[r.next_token for r in batch], [r.slot for r in batch],
+                                                 [r.position for r in batch]], device=self.device)
         length = max(r.position for r in batch) + 1
         contiguous = [r.slot for r in batch] == list(range(len(batch)))
         logits = self.model.decode(tokens, slots, positions, length, self._hooks(batch, None), contiguous)
@@ -188,7 +190,7 @@ class Generator:
         self._sample(batch, logits)
 
     def _sample(self, batch: list[_Running], logits: Tensor) -> None:
-        histories = [torch.tensor(r.prompt + r.output) if r.params.repetition_penalty != 1.0 else None
+        histories = [torch.tensor(r.prompt + r.output, device=self.device) if r.params.repetition_penalty != 1.0 else None
                      for r in batch]
         for i, r in enumerate(batch):
             if r.guard is None:
@@ -198,7 +200,7 @@ class Generator:
                 logits[i, blocked] = float("-inf")
             finishing = r.guard.finishing()
             if finishing:  # a value being said next to its owner: only what goes on with it
-                allowed = torch.tensor(sorted(finishing))
+                allowed = torch.tensor(sorted(finishing), device=self.device)
                 kept = logits[i, allowed]
                 if torch.isfinite(kept).any():
                     logits[i] = float("-inf")
@@ -235,6 +237,15 @@ class Generator:
         self.free_slots.sort()
         self.finished[r.request_id] = r
         return TokenEvent(r.request_id, token, text, reason)
+
+
+def _to_device(state, device: torch.device):
+    """A level state on `device` (the same object when it is there already)."""
+    tensors = state_tensors(state)
+    if all(t.device == device for t in tensors.values()):
+        return state
+    return state_from_tensors("lora" if isinstance(state, LoraState) else "associative",
+                              {k: t.to(device) for k, t in tensors.items()})
 
 
 def _zero_like(state: LoraState) -> LoraState:

@@ -35,7 +35,7 @@ class MemoryState:
             for field_name, t in sorted(state_tensors(st).items()):
                 if self.kind == "session" and name == "user" and field_name not in ("a", "b"):
                     continue  # the user level's moments stay in the user's own state
-                tensors[f"{name}/{field_name}"] = t.contiguous()
+                tensors[f"{name}/{field_name}"] = t.detach().cpu().contiguous()  # bytes from any device
         facts = facts_to_json(self.facts) if self.facts else ""
         meta = {"format": FORMAT, "kind": self.kind, "fingerprint": fingerprint,
                 "levels": ",".join(sorted(self.levels)), "sha256": _digest(tensors, facts)}
@@ -63,6 +63,10 @@ class MemoryState:
         if "sha256" in meta and meta["sha256"] != _digest(tensors, meta.get("facts", "")):
             raise StateError("the state's tensor data is corrupt (its SHA-256 does not match the one written "
                              "with it); the stored copy is damaged")
+        # Read onto torch's default device: where the model runs (`device.on_device` sets it).
+        device = torch.get_default_device()
+        if device.type != "cpu":
+            tensors = {k: v.to(device) for k, v in tensors.items()}
         levels = {}
         for name in filter(None, meta.get("levels", "").split(",")):
             spec = config.get(name)
