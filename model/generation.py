@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from .backbone import PackedLayout, Transformer
-from .binding import BindingGuard
 from .levels import (AssociativeState, BatchLevels, FastLevelRunner, FastMemory, LevelsConfig,
                      LoraState, stack_lora, state_from_tensors, state_tensors)
 from .sampling import SamplingParams, sample_batch
@@ -40,8 +39,6 @@ class _Running:
     fast: FastLevelRunner | None
     generator: torch.Generator | None
     decoder: StreamDecoder
-    guard: BindingGuard | None = None
-    lora_gain: float = 1.0  # how strongly this reply reads its LoRA levels
     output: list[int] = field(default_factory=list)
     text: str = ""
     position: int = 0  # next cache position to write
@@ -71,12 +68,10 @@ class Generator:
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], levels: dict[str, object] | None,
-            params: SamplingParams, fresh_tokens: int | None = None, guard: BindingGuard | None = None,
-            lora_gain: float = 1.0) -> None:
+            params: SamplingParams, fresh_tokens: int | None = None) -> None:
         """`levels` maps level name -> state (LoraState / AssociativeState); None = frozen.
         `fresh_tokens`: how many trailing prompt tokens are new to this session (the fast level
-        writes only those; None: all). `guard`: taught values held to their owners (`binding`).
-        `lora_gain`: the LoRA levels' deltas are read times this (1: as learned)."""
+        writes only those; None: all)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.max_seq:
@@ -99,7 +94,7 @@ class Generator:
                                    in_context=max(0, old) if fresh_tokens is not None else None)
         gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         self.waiting.append(_Running(request_id, -1, list(prompt_ids), params, lora, fast, gen,
-                                     StreamDecoder(self.tokenizer), guard or None, lora_gain))
+                                     StreamDecoder(self.tokenizer)))
 
     def cancel(self, request_id: str) -> None:
         for r in list(self.waiting):
@@ -163,8 +158,6 @@ class Generator:
         if cached is None or len(cached[0]) != len(batch) or any(x is not y for x, y in zip(cached[0], batch)):
             states = [r.lora if r.lora else [_zero_like(s) for s in example.lora] for r in batch]
             layers, a, b, scale = stack_lora(states, self.lora_specs)
-            if any(r.lora_gain != 1.0 for r in batch):
-                b = b * torch.tensor([r.lora_gain for r in batch], dtype=b.dtype, device=b.device).view(-1, 1, 1, 1)
             dtype = self.model.embed_tokens.weight.dtype
             cached = self._stacked = (tuple(batch), (layers, a.to(self.device, dtype), b.to(self.device, dtype), scale))
         return cached[1]
@@ -192,19 +185,6 @@ class Generator:
     def _sample(self, batch: list[_Running], logits: Tensor) -> None:
         histories = [torch.tensor(r.prompt + r.output, device=self.device) if r.params.repetition_penalty != 1.0 else None
                      for r in batch]
-        for i, r in enumerate(batch):
-            if r.guard is None:
-                continue
-            blocked = r.guard.blocked()
-            if blocked:
-                logits[i, blocked] = float("-inf")
-            finishing = r.guard.finishing()
-            if finishing:  # a value being said next to its owner: only what goes on with it
-                allowed = torch.tensor(sorted(finishing), device=self.device)
-                kept = logits[i, allowed]
-                if torch.isfinite(kept).any():
-                    logits[i] = float("-inf")
-                    logits[i, allowed] = kept
         picked = sample_batch(logits, [r.params for r in batch], [r.generator for r in batch], histories)
         for r, t in zip(batch, picked):
             r.next_token = t
@@ -216,8 +196,6 @@ class Generator:
             return self._retire(r, "stop", token, r.text + r.decoder.flush())
         r.output.append(token)
         piece = r.decoder.push(token)
-        if r.guard is not None:
-            r.guard.push(piece)
         buffer = r.text + piece  # r.text: text held back from earlier steps
         for s in r.params.stop:
             at = buffer.find(s)

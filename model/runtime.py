@@ -18,9 +18,10 @@ import torch
 
 from . import config as configs
 from .backbone import Transformer
-from .binding import BindingGuard, VocabularyIndex
-from .consolidation import ConsolidationConfig, ConsolidationReport, consolidate, learn_turn
-from .facts import Fact, extract_facts
+from .learning.consolidation import ConsolidationConfig, ConsolidationReport, consolidate
+from .learning.notes import Note
+from .learning.rehearsal import RehearsalConfig
+from .learning.turn import TurnConfig, learn_turn
 from .generation import Generator
 from .generation import TokenEvent
 from .levels import AssociativeState, FastLevelRunner, FastMemory, LevelSpec, LevelsConfig, default_levels, new_state
@@ -90,24 +91,14 @@ def _load_trained_fast(fast: FastMemory, model_fingerprint: str) -> bool:
     return True
 
 
-# In-session recall of the 10 benchmark users by gain (stop 25, `benchmarks/README.md`): 1: 75%,
-# 1.25: 79%, 1.5: 81%, 2: 81% (with broken answers: "Your Laezaen Laezaen."), 3: 63%.
-RECALL_GAIN = 1.5
-
-
 class NsamModel:
     def __init__(self, model: Transformer, tokenizer, levels: LevelsConfig, source: str,
-                 context_window: int = 2048, consolidation: ConsolidationConfig = ConsolidationConfig()):
+                 context_window: int = 2048, consolidation: ConsolidationConfig = ConsolidationConfig(),
+                 turn: TurnConfig = TurnConfig()):
         self.model, self.tokenizer, self.levels, self.source = model, tokenizer, levels, source
         self.context_window = min(context_window, model.config.max_seq_len)
         self.consolidation = consolidation
-        # Hold taught values to their owners while decoding (`binding`); off: the levels alone.
-        self.binding_guard = True
-        # A reply to a question about what the user taught (its guard asks for a taught value)
-        # reads the LoRA levels times this: the turns in the window otherwise lead the answer
-        # astray ("Your job is a precious thing." for "You work at Ripex.").
-        self.recall_gain = RECALL_GAIN
-        self._vocabulary: VocabularyIndex | None = None
+        self.turn = turn
         fast_spec = next((s for s in levels.levels if s.rule == "associative"), None)
         self.fast_params = None
         if fast_spec is not None:
@@ -140,7 +131,8 @@ class NsamModel:
             model = model.to(_DTYPES[dtype]).requires_grad_(False).eval()
             model.inv_freq = model.inv_freq.float()
             return cls(model, ByteTokenizer(), default_levels(cfg.n_layers), "tiny", cfg.max_seq_len,
-                       ConsolidationConfig(steps=4, extra_steps=2, learn_every=2))
+                       ConsolidationConfig(rehearsal=RehearsalConfig(steps=4, lr=3e-3)),
+                       TurnConfig(rehearsal=RehearsalConfig(steps=2, lr=5e-3), writer_samples=1))
         loaded = load(name, _DTYPES[dtype])
         return cls(loaded.model, loaded.tokenizer, default_levels(loaded.model.config.n_layers), loaded.source)
 
@@ -180,30 +172,14 @@ class NsamModel:
         user = self._read(user_state, "user") if user_state else None
         levels = {name: self._new_level(name) for name in self.levels.names() if name != "user"}
         levels["user"] = user_snapshot(user.levels["user"] if user else self._new_level("user"))
-        # The user's facts travel with the session: its replies hold their values to their owners.
-        return MemoryState("session", levels, user.facts if user else ()).to_bytes(self.fingerprint, self.levels)
+        return MemoryState("session", levels).to_bytes(self.fingerprint, self.levels)
 
     def check_state(self, data: bytes, kind: str) -> None:
         self._read(data, kind)
 
-    def user_facts(self, user_state: bytes) -> list[Fact]:
-        """What the user level was taught (the latest value of each fact), oldest first."""
-        return list(self._read(user_state, "user").facts)
-
-    def binding_guard_for(self, state: MemoryState, messages: list[dict[str, str]]) -> BindingGuard | None:
-        """The guard of a reply to `messages` (the session so far, ending with the user's
-        message): the user level's facts and those stated in the session, each value held to its
-        owner (`binding`). None when off or nothing was taught."""
-        if not self.binding_guard or not messages:
-            return None
-        said = "\n".join(m["content"] for m in messages if m["role"] == "user")
-        facts = [*state.facts, *extract_facts(said)]
-        if not facts:
-            return None
-        if self._vocabulary is None:
-            self._vocabulary = VocabularyIndex(self.tokenizer, self.model.embed_tokens.num_embeddings)
-        question = messages[-1]["content"] if messages[-1]["role"] == "user" else ""
-        return BindingGuard(self._vocabulary, facts, question)
+    def user_notes(self, user_state: bytes) -> list[Note]:
+        """What the user level was taught (the latest notes), oldest first."""
+        return list(self._read(user_state, "user").notes)
 
     def _read(self, data: bytes, kind: str) -> MemoryState:
         return MemoryState.from_bytes(data, self.fingerprint, self.levels, kind)
@@ -218,14 +194,18 @@ class NsamModel:
     def update_medium(self, session_state: bytes, messages: list[dict[str, str]]
                       ) -> tuple[bytes, list[LevelReport]]:
         """After a reply; `messages` is the session so far, ending with the user's message and the
-        reply. A message that states facts is rehearsed as questions and answers (with the
-        session's earlier facts); any other is learnt as text (`consolidation.learn_turn`)."""
+        reply. The user's message is studied into notes and rehearsed with the session's earlier
+        ones; a message that says nothing to note is learnt as text (`learning.turn`)."""
         state = self._read(session_state, "session")
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users:
+            raise ValueError("update_medium needs the session's messages, ending with the user's and the reply")
         spec = self.levels.get("medium")
-        frozen = [state.levels["user"]] if "user" in state.levels else []
-        new, report = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], frozen, messages,
-                                 self.anchor_ids)
-        return self._write(state.with_level("medium", new)), [_with_drift(report, new)]
+        parents = [state.levels["user"]] if "user" in state.levels else []
+        update = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], parents, users[-1],
+                            state.notes, self.anchor_ids, len(users), self.turn)
+        state = replace(state.with_level("medium", update.state), notes=(*state.notes, *update.notes))
+        return self._write(state), [_with_drift(update.report, update.state)]
 
     def document_chunks(self, text: str) -> list[list[int]]:
         """A document's token ids in the chunks `read_document_chunk` takes."""
@@ -260,11 +240,11 @@ class NsamModel:
     def consolidate(self, user_state: bytes, session_state: bytes, transcript: list[dict[str, str]],
                     should_stop: Callable[[], bool] | None = None) -> tuple[bytes, ConsolidationReport]:
         user = self._read(user_state, "user")
-        self._read(session_state, "session")  # refuse a foreign session before any work
+        session = self._read(session_state, "session")  # a foreign session is refused before any work
         new, report = consolidate(self.model, self.tokenizer, self.levels.get("user"), user.levels["user"],
                                   transcript, self.consolidation_anchor_ids, self.probe_ids,
-                                  self.consolidation, should_stop, user.facts)
-        return self._write(replace(user.with_level("user", new), facts=report.known)), report
+                                  self.consolidation, should_stop, user.notes, session.notes)
+        return self._write(replace(user.with_level("user", new), notes=report.known)), report
 
 
 class SessionBatch:
@@ -281,14 +261,11 @@ class SessionBatch:
 
     def add(self, request_id: str, prompt_ids: list[int], session_state: bytes, params: SamplingParams,
             fresh_tokens: int | None = None, messages: list[dict[str, str]] | None = None) -> None:
-        """`messages`: the session so far the prompt was made from (ending with the user's
-        message); with them the reply holds taught values to their owners (`binding`), and a
-        question about one of them reads the LoRA levels `recall_gain` times harder."""
+        """`messages`: the session so far the prompt was made from (accepted for callers that
+        pass it; decoding reads the levels, not the text)."""
         params.validate()
         state = self.owner._read(session_state, "session")
-        guard = self.owner.binding_guard_for(state, messages) if messages is not None else None
-        gain = self.owner.recall_gain if guard is not None and guard.asked else 1.0
-        self.inner.add(request_id, prompt_ids, state.levels, params, fresh_tokens, guard, gain)
+        self.inner.add(request_id, prompt_ids, state.levels, params, fresh_tokens)
         self.states[request_id] = state
         self.started[request_id] = time.perf_counter()
 

@@ -2,7 +2,9 @@
 
 A session's state holds its fast and medium levels plus a snapshot of its user's slow level
 (weights only: the slow level's optimizer moments belong to the user's own state). A user's
-state also keeps the facts its consolidations rehearse (in the metadata, under the digest). A state
+or session state also keeps its notes (what the user said, as questions and answers: a session's
+from its turns, a user's for every later consolidation to rehearse), in the metadata, under the
+digest. A state
 written by another model or level config is refused with `StateError`.
 """
 
@@ -17,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .errors import StateError
-from .facts import Fact, facts_from_json, facts_to_json
+from .learning.notes import Note, notes_from_facts_json, notes_from_json, notes_to_json
 from .levels import LevelsConfig, LevelState, LoraState, state_from_tensors, state_tensors
 
 FORMAT = "nsam.state/1"
@@ -27,7 +29,7 @@ FORMAT = "nsam.state/1"
 class MemoryState:
     kind: str  # "session" | "user"
     levels: dict[str, LevelState]
-    facts: tuple[Fact, ...] = ()  # a user state's: what its consolidations rehearse again
+    notes: tuple[Note, ...] = ()  # what the user said: a session's turns', or a user's kept ones
 
     def to_bytes(self, fingerprint: str, config: LevelsConfig) -> bytes:
         tensors = {}
@@ -36,11 +38,11 @@ class MemoryState:
                 if self.kind == "session" and name == "user" and field_name not in ("a", "b"):
                     continue  # the user level's moments stay in the user's own state
                 tensors[f"{name}/{field_name}"] = t.detach().cpu().contiguous()  # bytes from any device
-        facts = facts_to_json(self.facts) if self.facts else ""
+        notes = notes_to_json(self.notes) if self.notes else ""
         meta = {"format": FORMAT, "kind": self.kind, "fingerprint": fingerprint,
-                "levels": ",".join(sorted(self.levels)), "sha256": _digest(tensors, facts)}
-        if facts:
-            meta["facts"] = facts
+                "levels": ",".join(sorted(self.levels)), "sha256": _digest(tensors, notes)}
+        if notes:
+            meta["notes"] = notes
         # One metadata entry: safetensors does not keep the order of several, and the same
         # state must always give the same bytes.
         return save(tensors, metadata={"nsam": json.dumps(meta, sort_keys=True)})
@@ -60,7 +62,7 @@ class MemoryState:
             raise StateError("this state was written for another model or level configuration "
                              f"(fingerprint {meta.get('fingerprint')}, this server is {fingerprint})")
         # States written before the digest existed have none; they are still read.
-        if "sha256" in meta and meta["sha256"] != _digest(tensors, meta.get("facts", "")):
+        if "sha256" in meta and meta["sha256"] != _digest(tensors, meta.get("notes", meta.get("facts", ""))):
             raise StateError("the state's tensor data is corrupt (its SHA-256 does not match the one written "
                              "with it); the stored copy is damaged")
         # Read onto torch's default device: where the model runs (`device.on_device` sets it).
@@ -83,25 +85,27 @@ class MemoryState:
             except KeyError as err:
                 raise StateError(f"level {name!r} lacks tensor {err}") from err
         try:
-            facts = facts_from_json(meta["facts"]) if meta.get("facts") else ()
+            # A user state written before self-study kept facts: each becomes a note.
+            notes = notes_from_json(meta["notes"]) if meta.get("notes") else \
+                notes_from_facts_json(meta["facts"]) if meta.get("facts") else ()
         except (ValueError, TypeError) as err:
-            raise StateError(f"the state's facts cannot be read: {err}") from err
-        return cls(kind, levels, facts)
+            raise StateError(f"the state's notes cannot be read: {err}") from err
+        return cls(kind, levels, notes)
 
     def with_level(self, name: str, state: LevelState) -> "MemoryState":
         return replace(self, levels={**self.levels, name: state})
 
 
-def _digest(tensors: dict[str, torch.Tensor], facts: str = "") -> str:
-    """SHA-256 over names, dtypes, shapes and raw bytes, in name order, then the facts: a
+def _digest(tensors: dict[str, torch.Tensor], notes: str = "") -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes, in name order, then the notes: a
     damaged copy (a flipped bit in Redis or on disk) is refused instead of serving wrong weights."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
-    if facts:  # absent from states without facts, whose digest stays what it was
-        h.update(facts.encode())
+    if notes:  # absent from states without notes, whose digest stays what it was
+        h.update(notes.encode())
     return h.hexdigest()
 
 

@@ -39,7 +39,7 @@ class TrainingExample:
     weights: list[float]  # len(ids) - 1
 
 
-def _batch(examples: list[TrainingExample]) -> tuple[Tensor, Tensor, Tensor]:
+def batch_examples(examples: list[TrainingExample]) -> tuple[Tensor, Tensor, Tensor]:
     """Right-pad into (N, T) ids, (N, T-1) targets and weights (padding weighs 0)."""
     t = max(len(e.ids) for e in examples)
     ids = torch.zeros(len(examples), t, dtype=torch.long)
@@ -174,7 +174,7 @@ def update_on_examples(model: Transformer, spec: LevelSpec, state: LoraState, fr
     if not examples or not any(any(e.weights) for e in examples):
         return state, LevelReport(spec.name, 0.0, 0.0, state.weight_norm(), state.weight_norm(), False,
                                   "no-data", 0.0)
-    ids, targets, weights = _batch(examples)
+    ids, targets, weights = batch_examples(examples)
     # Only positions with a weight need logits (the vocabulary projection is a large share of the cost).
     select = torch.zeros_like(ids, dtype=torch.bool)
     select[:, :-1] = weights > 0

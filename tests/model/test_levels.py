@@ -140,15 +140,16 @@ def test_a_session_written_before_the_fast_level_counted_its_tokens_is_still_rea
     assert int(state.levels["fast"].taken) == 0
 
 
-def test_a_user_state_keeps_its_facts_under_the_digest(tiny):
-    from nsam.model.facts import extract_facts
+def test_a_user_state_keeps_its_notes_under_the_digest(tiny):
+    from nsam.model.learning.notes import Note
 
-    facts = tuple(extract_facts("My dog's name is Rex. I live in Brisk."))
+    notes = (Note("My dog's name is Rex", ("What is my dog's name?",), "Your dog's name is Rex.", "Rex"),
+             Note("I live in Brisk", ("I live in what?",), "You live in Brisk.", "Brisk"))
     plain = MemoryState.from_bytes(tiny.new_user_state(), tiny.fingerprint, tiny.levels, "user")
-    data = replace(plain, facts=facts).to_bytes(tiny.fingerprint, tiny.levels)
+    data = replace(plain, notes=notes).to_bytes(tiny.fingerprint, tiny.levels)
     back = MemoryState.from_bytes(data, tiny.fingerprint, tiny.levels, "user")
-    assert back.facts == facts and back.to_bytes(tiny.fingerprint, tiny.levels) == data
-    assert plain.facts == () and tiny.new_user_state() == plain.to_bytes(tiny.fingerprint, tiny.levels)
+    assert back.notes == notes and back.to_bytes(tiny.fingerprint, tiny.levels) == data
+    assert plain.notes == () and tiny.new_user_state() == plain.to_bytes(tiny.fingerprint, tiny.levels)
     tampered = data.replace(b"Brisk", b"Brest")  # same length: only the digest can tell
     with pytest.raises(StateError, match="corrupt"):
         tiny.check_state(tampered, "user")
@@ -204,18 +205,6 @@ def test_poisoned_update_is_rejected_and_the_old_state_kept(tiny):
     assert kept is old and report.reason == "non-finite"
     kept, report = update_on_examples(tiny.model, replace(spec, lr=10.0, max_update_norm=1e-6), old, [], ex)
     assert kept is old and report.reason == "norm-bound"
-
-
-def test_consolidation_folds_facts_into_the_user_level(tiny):
-    transcript = [{"role": "user", "content": "My dog's name is Rex. I live in Brisk."},
-                  {"role": "assistant", "content": "Noted."}]
-    user, report = tiny.consolidate(tiny.new_user_state(), tiny.new_session_state(None), transcript)
-    assert report.facts == 2 and math.isfinite(report.probe_loss)
-    if report.accepted:
-        assert user != tiny.new_user_state()
-        assert tiny.new_session_state(user) != tiny.new_session_state(None)  # sessions start from it
-        kept = MemoryState.from_bytes(user, tiny.fingerprint, tiny.levels, "user").facts
-        assert {f.key: f.value for f in kept} == {"dog's name": "Rex", "home": "Brisk"}
 
 
 def test_fast_level_in_a_batch_matches_each_session_alone():
@@ -376,40 +365,3 @@ def test_a_turn_knows_which_prompt_tokens_are_new(tiny):
     assert ids[:len(old)] == old and fresh == len(ids) - len(old) > 0
     ids, fresh = tiny.encode_turn([last], 1000)
     assert fresh == len(ids)  # a first turn is all new
-
-
-def _learnt(model, level: str, seed: int, times: float = 1.0) -> LoraState:
-    """A LoRA level with random deltas, large enough to change what the tiny model says."""
-    spec = model.levels.get(level)
-    state = LoraState.zeros(spec, model.model.config.hidden_dim, model.model.config.dim, seed)
-    b = torch.randn(state.b.shape, generator=torch.Generator().manual_seed(seed)) * 0.5 * times
-    return replace(state, b=b)
-
-
-def test_a_reply_read_with_a_gain_equals_its_deltas_scaled_and_leaves_the_batch_alone(tiny):
-    """`lora_gain` reads one request's LoRA deltas times the gain: the same tokens as a request
-    whose B is scaled, while the other sessions of the batch say what they say without it."""
-    from nsam.model.generation import Generator
-
-    ids = tiny.encode_chat([{"role": "user", "content": "what do you remember about me?"}], 200)
-    other = tiny.encode_chat([{"role": "user", "content": "tell me something else"}], 200)
-    fast = MemoryState.from_bytes(tiny.new_session_state(None), tiny.fingerprint, tiny.levels, "session").levels["fast"]
-
-    def levels(times):
-        return {"user": _learnt(tiny, "user", 1, times), "medium": _learnt(tiny, "medium", 2, times), "fast": fast}
-
-    def run(jobs):
-        g = Generator(tiny.model, tiny.tokenizer, tiny.levels, tiny.fast_params, 4, 256)
-        for rid, prompt, lv, gain in jobs:
-            g.add(rid, prompt, lv, SamplingParams(max_tokens=24), lora_gain=gain)
-        out = {rid: [] for rid, *_ in jobs}
-        while g.has_work():
-            for e in g.step():
-                out[e.request_id].append(e.token_id)
-        return out
-
-    plain = run([("a", ids, levels(1.0), 1.0), ("b", other, levels(1.0), 1.0)])
-    gained = run([("a", ids, levels(1.0), 2.5), ("b", other, levels(1.0), 1.0)])
-    scaled = run([("a", ids, levels(2.5), 1.0)])
-    assert gained["a"] == scaled["a"] != plain["a"]
-    assert gained["b"] == plain["b"]
