@@ -13,6 +13,7 @@ Pure file writing: no engine is imported here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .backbone import Transformer
-from .levels import LevelSpec, LoraState
+from .levels import LevelsConfig, LevelSpec, LoraState
+from .state import MemoryState
 
 # The module the LoRA levels change, by its Hugging Face name.
 TARGET_MODULE = "down_proj"
@@ -120,6 +122,13 @@ class LoraAdapter:
             out[f"{_module_name(layer)}.lora_B.weight"] = self.b[i].detach().cpu().contiguous()
         return out
 
+    def key(self) -> str:
+        """A digest of the factors: equal levels give the same adapter, any change a new one."""
+        h = hashlib.sha256()
+        for t in (self.a, self.b):
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()[:16]
+
     def write(self, path: str | Path, base_model: str = "") -> Path:
         """adapter_config.json + adapter_model.safetensors in `path` (created)."""
         path = Path(path)
@@ -130,7 +139,8 @@ class LoraAdapter:
 
 
 def lora_adapter(levels: list[LoraState], specs: list[LevelSpec]) -> LoraAdapter:
-    """The levels (user first, then medium: the native order) as one adapter of rank Σ R_i."""
+    """The levels as one adapter of rank Σ R_i, concatenated in the order given (the native engine
+    takes them in the levels config's order: `session_adapter`)."""
     if not levels or len(levels) != len(specs):
         raise ValueError("give one spec per level, and at least one level")
     layers, scale = specs[0].layers, specs[0].scale
@@ -154,3 +164,14 @@ def adapter_deltas(path: str | Path) -> dict[int, Tensor]:
             layer = int(name.split(".layers.")[1].split(".")[0])
             deltas[layer] = scaling * (weights[name.replace("lora_A", "lora_B")] @ a)
     return deltas
+
+
+def session_adapter(state: bytes, fingerprint: str, levels: LevelsConfig) -> LoraAdapter | None:
+    """A session state's LoRA levels (the user level and the session's medium level) as one
+    adapter; None when every one is still empty (B = 0: the frozen model, no adapter needed)."""
+    read = MemoryState.from_bytes(state, fingerprint, levels, "session")
+    specs = [s for s in levels.levels if s.rule == "lora" and s.name in read.levels]
+    lora = [read.levels[s.name] for s in specs]
+    if not lora or all(level.is_empty for level in lora):
+        return None
+    return lora_adapter(lora, specs)

@@ -18,8 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
-from nsam.server.errors import ServiceError
 from nsam.server.auth import ApiKeys, KeysFileError
+from nsam.server.errors import ServiceError
 from nsam.server.settings import Settings, add_serve_flags, add_worker_flags, settings_from_args
 
 log = logging.getLogger("nsam")
@@ -37,12 +37,24 @@ async def serve(settings: Settings) -> None:
     from nsam.server.app import NsamServer, connect_hint, start_metrics
 
     start_metrics(settings)
-    server = await NsamServer.start(settings)
+    server = await NsamServer.start(settings, await asyncio.to_thread(decode_model, settings))
     print(connect_hint(settings, server.port, server.store), flush=True)
+    if settings.engine == "vllm":
+        from nsam.server.vllm_engine import STARTUP_NOTE
+        print(f"  {STARTUP_NOTE}", flush=True)
     await _until_signal()
     print(f"draining turns in flight (up to {settings.shutdown_grace_s:.0f} s); a running consolidation "
           "is interrupted and redone later...", flush=True)
     await server.stop()
+
+
+def decode_model(settings: Settings):
+    """The decode thread's model: nsam's own engine on --device, or vLLM (--engine vllm)."""
+    if settings.engine == "vllm":
+        from nsam.server.vllm_engine import VllmModel
+        return VllmModel.start(settings)
+    from nsam.model.device import load_on
+    return load_on(settings.model, settings.dtype, settings.device)
 
 
 async def consolidate(settings: Settings) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -47,6 +48,9 @@ class Settings:
     data_dir: Path = Path("nsam-data")
     model: str = "default"
     dtype: str = "float32"
+    device: str = "cpu"                   # torch device of the model: cpu | cuda[:N]
+    engine: str = "native"                # "native" | "vllm": what decodes (learning stays native)
+    max_loras: int = 8                    # vllm: session adapters kept loaded (LRU)
     api_keys_file: Path | None = None     # None = open local mode
     consolidation: str = "inprocess"      # "inprocess" | "external"
     tls_cert: Path | None = None
@@ -84,6 +88,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f'"default" (SmolLM2-135M-Instruct), "tiny", or a path [env {ENV_MODEL}]')
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    parser.add_argument("--device", default="cpu", help="torch device of the model: cpu | cuda | cuda:N")
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -109,12 +114,21 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", default=None, type=Path, help="PEM certificate chain")
     parser.add_argument("--tls-key", default=None, type=Path, help="PEM private key")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded per step")
+    parser.add_argument("--engine", choices=("native", "vllm"), default="native",
+                        help="what decodes: nsam's own engine, or vLLM with the user and medium levels as "
+                             "per-session LoRA adapters (no fast level); learning stays in nsam's engine")
+    parser.add_argument("--max-loras", type=int, default=8,
+                        help="--engine vllm: session adapters kept loaded at once (least recently used go)")
     parser.add_argument("--learning", choices=("on", "off"), default="on",
                         help="off: serve the frozen model plus user level, learn nothing")
     parser.add_argument("--session-ttl", type=int, default=7 * 24 * 3600,
                         help="seconds an idle session is kept")
     parser.add_argument("--consolidate-every", type=int, default=0,
                         help="also enqueue consolidation every N turns (0 = at session end only)")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="seconds turns in flight get to commit on SIGTERM; those still running "
+                             "then end with UNAVAILABLE saying they were not saved (keep it below "
+                             "the pod's terminationGracePeriodSeconds)")
 
 
 def add_worker_flags(parser: argparse.ArgumentParser) -> None:
@@ -125,11 +139,10 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=9465,
                         help="Prometheus /metrics port (0 = off)")
     parser.add_argument("--claim-idle-ms", type=int, default=60_000,
-    parser.add_argument("--shutdown-grace", type=float, default=30.0,
-                        help="seconds turns in flight get to commit on SIGTERM; those still running "
-                             "then end with UNAVAILABLE saying they were not saved (keep it below "
-                             "the pod's terminationGracePeriodSeconds)")
                         help="reclaim jobs a crashed worker left pending this long")
+    parser.add_argument("--shutdown-grace", type=float, default=60.0,
+                        help="seconds a running consolidation gets to finish on SIGTERM; after "
+                             "that its job stays queued and another worker redoes it")
 
 
 def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
@@ -140,14 +153,14 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
     settings = Settings(
         host=get("host", "127.0.0.1"),
         port=get("port", 50051),
-    parser.add_argument("--shutdown-grace", type=float, default=60.0,
-                        help="seconds a running consolidation gets to finish on SIGTERM; after "
-                             "that its job stays queued and another worker redoes it")
         metrics_port=get("metrics_port", 9464),
         redis_url=get("redis_url") or env.get(ENV_REDIS_URL) or None,
         data_dir=Path(get("data_dir") or _default_data_dir(env)),
         model=get("model") or env.get(ENV_MODEL) or "default",
         dtype=get("dtype", "float32"),
+        device=get("device", "cpu"),
+        engine=get("engine", "native"),
+        max_loras=get("max_loras", 8),
         api_keys_file=Path(keys) if keys else None,
         consolidation=get("consolidation", "external"),
         tls_cert=get("tls_cert"),
@@ -157,6 +170,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         session_ttl_s=get("session_ttl", 7 * 24 * 3600),
         consolidate_every_turns=get("consolidate_every", 0),
         claim_idle_ms=get("claim_idle_ms", 60_000),
+        shutdown_grace_s=get("shutdown_grace", 30.0),
     )
     validate_settings(settings)
     return settings
@@ -168,12 +182,17 @@ def validate_settings(settings: Settings) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if settings.max_batch < 1:
         raise ValueError("--max-batch must be at least 1")
+    if settings.max_loras < 1:
+        raise ValueError("--max-loras must be at least 1")
+    if settings.engine not in ("native", "vllm"):
+        raise ValueError("--engine must be native or vllm")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", settings.device):
+        raise ValueError(f"--device {settings.device!r}: use cpu, cuda or cuda:N")
     if not 0 <= settings.port < 65536 or not 0 <= settings.metrics_port < 65536:
         raise ValueError("--port and --metrics-port must be in 0..65535")
-        shutdown_grace_s=get("shutdown_grace", 30.0),
+    if not 0 <= settings.shutdown_grace_s <= 3600:
+        raise ValueError("--shutdown-grace must be in 0..3600 seconds")
     if settings.session_ttl_s < 60:
         raise ValueError("--session-ttl must be at least 60 seconds")
     if settings.api_keys_file is not None and not settings.api_keys_file.is_file():
         raise ValueError(f"API keys file {settings.api_keys_file} does not exist")
-    if not 0 <= settings.shutdown_grace_s <= 3600:
-        raise ValueError("--shutdown-grace must be in 0..3600 seconds")
