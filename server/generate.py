@@ -14,6 +14,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("prompt", help="the user message")
     parser.add_argument("--model", default="default", help="default | tiny | path to a .gguf file or HF directory")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--system", default=None, help="system prompt (default: the model's own)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -25,13 +26,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from nsam.model.loading import ModelLoadError
-    from nsam.model.runtime import NsamModel, SamplingParams
+    from nsam.model.device import load_on
+    from nsam.model.runtime import SamplingParams
 
     params = SamplingParams(args.max_tokens, args.temperature, args.top_k, args.top_p,
                             args.repetition_penalty, args.seed, tuple(args.stop))
     try:
         params.validate()
-        model = NsamModel.load(args.model, args.dtype)
+        model = load_on(args.model, args.dtype, args.device)
     except (ValueError, ModelLoadError) as err:
         parser.error(str(err))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

@@ -220,12 +220,13 @@ class VllmBatch:
             for i, token in enumerate(new):
                 last = out.finished and i == len(new) - 1
                 if token in stops or token in turn.params.stop_token_ids:
-                    events.append(self._finish(out.request_id, "stop", token, turn.text + turn.decoder.flush()))
+                    events.append(self._finish(out.request_id, "stop", token, turn.text + turn.decoder.flush(),
+                                               not out.finished))
                     break
                 buffer = turn.text + turn.decoder.push(token)
                 hit = min((at for at in (buffer.find(s) for s in turn.params.stop) if at != -1), default=-1)
                 if hit != -1:
-                    events.append(self._finish(out.request_id, "stop", token, buffer[:hit]))
+                    events.append(self._finish(out.request_id, "stop", token, buffer[:hit], not out.finished))
                     break
                 hold = max((len(s) - 1 for s in turn.params.stop), default=0)
                 cut = max(len(buffer) - hold, 0)
@@ -235,13 +236,16 @@ class VllmBatch:
                     events.append(self._finish(out.request_id, reason, token, text + turn.text + turn.decoder.flush()))
                 else:
                     events.append(TokenEvent(out.request_id, token, text, None))
+            if out.finished and turn.params is not None:  # finished without a new token
+                reason = "length" if completion.finish_reason == "length" else "stop"
+                events.append(self._finish(out.request_id, reason, -1, turn.text + turn.decoder.flush()))
         return events
 
-    def _finish(self, request_id: str, reason: str, token: int, text: str) -> Any:
+    def _finish(self, request_id: str, reason: str, token: int, text: str, running: bool = False) -> Any:
         from nsam.model.generation import TokenEvent
 
-        if self.engine.has_unfinished_requests():
-            self.engine.abort_request([request_id])  # a stop string: vLLM does not know it
+        if running:  # a stop string, or a stop token after others in one step: end it in vLLM too
+            self.engine.abort_request([request_id])
         self.turns[request_id].params = None  # finished: kept only for pop_state
         return TokenEvent(request_id, token, text, reason)
 
