@@ -27,7 +27,7 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -235,7 +235,7 @@ class StateStore:
             fields["transcript"] = b"[]"
         fields["state_bytes"] = size
         record = self._session_record(session_id, fields, with_state=False)
-        return record if state is None else _replace(record, state=state)
+        return record if state is None else replace(record, state=state)
 
     @staticmethod
     def _session_record(sid: str, f: dict, *, with_state: bool) -> SessionRecord:
@@ -496,7 +496,3 @@ async def _to_the_end(write):
                 mark_committed(int(new))
         raise
 
-
-def _replace(record: SessionRecord, **changes) -> SessionRecord:
-    from dataclasses import replace
-    return replace(record, **changes)
