@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         {"role": "user", "content": args.prompt}]
     budget = model.context_window - args.max_tokens
     try:
-        ids = model.encode_chat(messages, budget)
+        ids = model.encode_turn(messages, budget)[0]
     except ValueError as err:
         parser.error(str(err))
     generator = model.generator(1, learning=False)

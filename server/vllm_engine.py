@@ -41,7 +41,7 @@ GPU_MEMORY_SHARE = 0.5
 
 def _vllm():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # stepped from our thread
-    import vllm
+    import vllm  # type: ignore[import-not-found]  # only in the vLLM environment
 
     return vllm
 
@@ -179,7 +179,7 @@ class VllmBatch:
         from nsam.model.tokenizer import StreamDecoder
 
         vllm = _vllm()
-        from vllm.lora.request import LoRARequest
+        from vllm.lora.request import LoRARequest  # type: ignore[import-not-found]
 
         params.validate()
         native = self.owner.native
