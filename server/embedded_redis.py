@@ -208,10 +208,18 @@ class EmbeddedRedis:
         self._release_data_dir()
 
 
-async def rewrite_files(client) -> None:
+async def rewrite_files(client, timeout_s: float = 300.0) -> None:
     """Rewrites the AOF and the RDB from the data set as it is now, so values deleted before the
     call are gone from the files too. Any rewrite already running started before the caller's
-    deletes, so it is waited for first; one that starts later is clean."""
+    deletes, so it is waited for first; one that starts later is clean. Raises TimeoutError
+    (an OSError: the store reports it unavailable) when Redis takes longer than timeout_s."""
+    import asyncio
+
+    async with asyncio.timeout(timeout_s):
+        await _rewrite_files(client)
+
+
+async def _rewrite_files(client) -> None:
     import asyncio
 
     async def idle(*fields: str) -> None:
