@@ -36,8 +36,12 @@ async def _until_signal() -> None:
 async def serve(settings: Settings) -> None:
     from nsam.server.app import NsamServer, connect_hint, start_metrics
 
+    from nsam.server import metrics
+
     start_metrics(settings)
     server = await NsamServer.start(settings, await asyncio.to_thread(decode_model, settings))
+    metrics.engine_info.labels(settings.engine, settings.device.split(":")[0],
+                               "off" if settings.engine == "vllm" else "on").set(1)
     print(connect_hint(settings, server.port, server.store), flush=True)
     if settings.engine == "vllm":
         from nsam.server.vllm_engine import STARTUP_NOTE

@@ -56,6 +56,9 @@ generated_tokens_total = Counter("nsam_generated_tokens_total", "Tokens generate
 document_tokens_total = Counter("nsam_document_tokens_total", "Document tokens read into session memory (ReadDocument).")
 active_sessions = Gauge("nsam_active_sessions", "Sessions with a turn in flight on this replica.")
 queued_turns = Gauge("nsam_queued_turns", "Turns waiting for a slot in the decode batch.")
+engine_info = Gauge("nsam_engine_info", "1 for what this replica decodes with: engine (native | vllm), device "
+                    "(cpu | cuda) and fast_level (on | off: vLLM does not run the fast level).",
+                    ["engine", "device", "fast_level"])
 batch_size = Histogram(
     "nsam_batch_size", "Sequences in each decode step.", buckets=_BATCH
 )

@@ -103,6 +103,10 @@ ROWS: tuple[Row, ...] = (
               description="Sequences per decode step."),
         Panel("RPC duration p99 by method", quantiles("nsam_request_duration_seconds", by="method", qs=(0.99,)),
               unit="s"),
+        Panel("Decoding engine", (
+            Target(f"sum by (engine, device, fast_level) (nsam_engine_info{{{NS}}})",
+                   "{{engine}} on {{device}}, fast level {{fast_level}}"),), kind="stat",
+              description="Replicas per engine; fast level off: the engine (vLLM) decodes without the fast level."),
     )),
     Row("Memory health (per level)", (
         Panel("Surprise (inner loss)", quantiles("nsam_level_surprise", by="level", sel=L, qs=(0.5,)) + (
