@@ -69,7 +69,9 @@ class AdapterCache:
     next_id: int = 1
     evicted: list[int] = field(default_factory=list)  # ids to unload from vLLM
 
-    def get(self, adapter: Any) -> tuple[int, Path]:
+    def get(self, adapter: Any, in_use: set[int] = frozenset()) -> tuple[int, Path]:
+        """The adapter's id and directory, written on first use; evicts the least recently used
+        beyond `capacity`, except those of turns still decoding (`in_use`)."""
         key = adapter.key()
         if key in self.loaded:
             self.loaded.move_to_end(key)
@@ -77,8 +79,10 @@ class AdapterCache:
         path = adapter.write(self.root / f"lora-{key}")
         self.loaded[key] = (self.next_id, path)
         self.next_id += 1
-        while len(self.loaded) > self.capacity:
-            _, (old_id, old_path) = self.loaded.popitem(last=False)
+        for old_key in [k for k, (i, _) in self.loaded.items() if i not in in_use][:-1]:
+            if len(self.loaded) <= self.capacity:
+                break
+            old_id, old_path = self.loaded.pop(old_key)
             shutil.rmtree(old_path, ignore_errors=True)
             self.evicted.append(old_id)
         return self.loaded[key]
@@ -160,6 +164,7 @@ class _Turn:
     state: bytes
     params: Any
     decoder: Any
+    lora_id: int = 0  # 0: no adapter
     seen: int = 0  # output tokens already turned into events
     text: str = ""  # text held back: it could still grow into a stop string
 
@@ -187,9 +192,10 @@ class VllmBatch:
             raise ValueError(f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds "
                              f"the context window of {native.context_window} tokens")
         adapter = session_adapter(session_state, native.fingerprint, native.levels)  # StateError: refused
-        lora = None
+        lora, lora_id = None, 0
         if adapter is not None:
-            lora_id, path = self.owner.adapters.get(adapter)
+            in_use = {t.lora_id for t in self.turns.values() if t.params is not None}
+            lora_id, path = self.owner.adapters.get(adapter, in_use)
             lora = LoRARequest(f"nsam-{lora_id}", lora_id, str(path))
         for old in self.owner.adapters.evicted:
             self.engine.remove_lora(old)
@@ -201,7 +207,7 @@ class VllmBatch:
             stop_token_ids=stops, ignore_eos=True, detokenize=False,  # stops: ours; text: StreamDecoder
             output_kind=vllm.sampling_params.RequestOutputKind.CUMULATIVE)
         self.engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, sampling, lora_request=lora)
-        self.turns[request_id] = _Turn(session_state, params, StreamDecoder(native.tokenizer))
+        self.turns[request_id] = _Turn(session_state, params, StreamDecoder(native.tokenizer), lora_id)
 
     def step(self) -> list[Any]:
         from nsam.model.generation import TokenEvent
