@@ -99,7 +99,7 @@ class ChatLoop:
             for v in info.versions:
                 self.print(f"  v{v.version}  {v.source:13s} {v.state_bytes:>10d} B  {_time(v.created_unix_ms)}")
             if info.facts:
-                self.print("  taught: " + "; ".join(f"{f.key}: {f.value}" for f in info.facts))
+                self.print("  taught: " + " ".join(f.answer for f in info.facts))
             for level in info.levels:
                 if level.name == "session":
                     mark = " (this one)" if level.owner == self.session.session_id else ""

@@ -80,7 +80,7 @@ async def test_terminal_chat_loop(server, tmp_path):
     assert "new session alice:" in text
     assert "[length, 6 tokens, session v1, learned]" in text
     assert "accepted" in text and "user level version 1" in text
-    assert "taught: dog's name: Rex" in text
+    assert "taught: Your dog's name is Rex." in text
     assert export.read_bytes()[:8] and "wrote user level v1" in text
     assert "usage: /rollback N" in text
     assert "[read 860 tokens in 4 chunks, perplexity" in text and "session v2]" in text

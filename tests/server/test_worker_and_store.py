@@ -171,7 +171,8 @@ async def test_a_consolidation_running_at_shutdown_is_interrupted_and_redone_lat
     from dataclasses import replace
 
     slow = ModelThread(NsamModel.load("tiny"), 1, generate=False)
-    slow.model.consolidation = replace(slow.model.consolidation, steps=100_000)  # runs for hours
+    config = slow.model.consolidation
+    slow.model.consolidation = replace(config, rehearsal=replace(config.rehearsal, steps=100_000))  # runs for hours
     session, version = await _session_with_a_turn(store, slow)
     await store.ensure_group()
     await store.enqueue_consolidation(session, version)
