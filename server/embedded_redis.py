@@ -215,8 +215,10 @@ async def rewrite_files(client, timeout_s: float = 300.0) -> None:
     (an OSError: the store reports it unavailable) when Redis takes longer than timeout_s."""
     import asyncio
 
-    async with asyncio.timeout(timeout_s):
-        await _rewrite_files(client)
+    try:  # not asyncio.timeout: Python 3.10 has none, and its wait_for raises asyncio's own TimeoutError
+        await asyncio.wait_for(_rewrite_files(client), timeout_s)
+    except asyncio.TimeoutError as exc:
+        raise TimeoutError(f"Redis did not rewrite its files within {timeout_s:.0f} s") from exc
 
 
 async def _rewrite_files(client) -> None:

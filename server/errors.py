@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -219,7 +219,7 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]], method: str, in_flight: InFli
     return unary
 
 
-def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str, in_flight: InFlight):
+def _wrap_stream(fn: Callable[..., AsyncGenerator[Any, None]], method: str, in_flight: InFlight):
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         start = time.perf_counter()
         task = in_flight.add()
