@@ -218,7 +218,7 @@ async def rewrite_files(client, timeout_s: float = 300.0) -> None:
     try:  # not asyncio.timeout: Python 3.10 has none, and its wait_for raises asyncio's own TimeoutError
         await asyncio.wait_for(_rewrite_files(client), timeout_s)
     except asyncio.TimeoutError as exc:
-        raise TimeoutError(f"Redis did not rewrite its files within {timeout_s:.0f} s") from exc
+        raise TimeoutError(f"Redis did not rewrite its files within {timeout_s:g} s") from exc
 
 
 async def _rewrite_files(client) -> None:
