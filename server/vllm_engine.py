@@ -99,6 +99,7 @@ class VllmModel:
 
     @classmethod
     def start(cls, settings: Settings, native: Any = None, workdir: Path | None = None) -> "VllmModel":
+        from nsam.model.export import TARGET_MODULE
         from nsam.model.runtime import NsamModel
 
         vllm = _vllm()
@@ -109,7 +110,10 @@ class VllmModel:
         rank = sum(s.rank for s in native.levels.levels if s.rule == "lora")
         args = dict(model=str(backbone), dtype=settings.dtype, seed=0, max_model_len=native.context_window,
                     max_num_seqs=settings.max_batch, enable_lora=True, max_loras=settings.max_loras,
-                    max_lora_rank=next(r for r in _LORA_RANKS if r >= rank), enforce_eager=True)
+                    max_lora_rank=next(r for r in _LORA_RANKS if r >= rank), enforce_eager=True,
+                    # LoRA layers only where the levels are: vLLM otherwise wraps every linear layer
+                    # and the logits, and computes their (zero) deltas for each token.
+                    lora_target_modules=[TARGET_MODULE])
         if settings.device.startswith("cuda"):
             args["gpu_memory_utilization"] = GPU_MEMORY_SHARE
         else:
