@@ -131,8 +131,8 @@ class NsamModel:
             model = model.to(_DTYPES[dtype]).requires_grad_(False).eval()
             model.inv_freq = model.inv_freq.float()
             return cls(model, ByteTokenizer(), default_levels(cfg.n_layers), "tiny", cfg.max_seq_len,
-                       ConsolidationConfig(rehearsal=RehearsalConfig(steps=4, lr=3e-3)),
-                       TurnConfig(rehearsal=RehearsalConfig(steps=2, lr=5e-3), writer_samples=1))
+                       ConsolidationConfig(rehearsal=RehearsalConfig(steps=4, lr=3e-3, own_answers=1)),
+                       TurnConfig(rehearsal=RehearsalConfig(steps=2, lr=5e-3, own_answers=1), writer_samples=1))
         loaded = load(name, _DTYPES[dtype])
         return cls(loaded.model, loaded.tokenizer, default_levels(loaded.model.config.n_layers), loaded.source)
 

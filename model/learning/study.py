@@ -30,7 +30,7 @@ WRITER_SYSTEM = ("You write the question a user could ask you later to check tha
 _ABBREVIATION = r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bJr)(?<!\bSr)"
 _SENTENCE_END = re.compile(_ABBREVIATION + r"[.!?]+(?=\s|$)|\n+")
 _CLAUSE_BREAK = re.compile(r";\s*|,\s*(?=(?:and|but|so|while|although)\b)|\s+(?=(?:and|but)\s+(?:I|my|we|our)\b)")
-_FIRST_PERSON = re.compile(r"\b(?:I|me|my|mine|myself|we|us|our|ours|I'm|I've|I'd|I'll)\b", re.IGNORECASE)
+FIRST_PERSON = re.compile(r"\b(?:I|me|my|mine|myself|we|us|our|ours|I'm|I've|I'd|I'll)\b", re.IGNORECASE)
 _CODE = re.compile(r"\b[\w-]*\d[\w:/.-]*\w|\b\d\b")
 _TITLE = r"(?:Mr|Mrs|Ms|Dr|St)\.?\s+"
 _NAME = re.compile(r"(?<!^)(?<![.!?]\s)\b(?:" + _TITLE + r")?[A-Z][\w'-]*(?:\s+(?:" + _TITLE + r")?[A-Z][\w'-]*)*")
@@ -82,7 +82,7 @@ def values(clause: str, limit: int = 2) -> list[str]:
     for m in _NAME.finditer(clause):
         if m.group() not in ("I", "I'm", "I've", "I'd", "I'll"):
             add(m.group())
-    if not found and _FIRST_PERSON.search(clause):
+    if not found and FIRST_PERSON.search(clause):
         words = clause.rstrip(" .!").split()
         tail: list[str] = []
         for w in reversed(words):
@@ -151,12 +151,20 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[list[int]], params
     if not prompts:
         return []
     longest = max(len(p) + q.max_tokens for p, q in zip(prompts, params))
-    generator = Generator(model, tokenizer, None, None, min(max_batch, len(prompts)), longest + 1, learning=False)
-    for i, (prompt, p) in enumerate(zip(prompts, params)):
-        generator.add(str(i), prompt, None, p)
-    while generator.has_work():
-        generator.step()
-    return [generator.pop_finished(str(i))[0] for i in range(len(prompts))]
+    # A generator owns the model's KV buffers; the caller's (a serving generator on the same
+    # model) are put back afterwards.
+    saved = [block.self_attn.cache for block in model.layers], model.max_batch, getattr(model, "max_seq", 0)
+    try:
+        generator = Generator(model, tokenizer, None, None, min(max_batch, len(prompts)), longest + 1, learning=False)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            generator.add(str(i), prompt, None, p)
+        while generator.has_work():
+            generator.step()
+        return [generator.pop_finished(str(i))[0] for i in range(len(prompts))]
+    finally:
+        for block, cache in zip(model.layers, saved[0]):
+            block.self_attn.cache = cache
+        model.max_batch, model.max_seq = saved[1], saved[2]
 
 
 def study(model: Transformer, tokenizer, message: str, samples: int = 2, seed: int = 0,
