@@ -9,9 +9,9 @@ words, codes and numbers) so the backbone cannot know them. A user's session tea
 kinds, sometimes two in one message.
 
 Split by kind: `TUNING_KINDS` are the only ones any default, prompt, filter or threshold of the
-learning code was chosen on; every other kind is held out (`HELD_OUT_KINDS`) and reported
-separately. The question writer's worked examples (a sibling's job, a pet's name, where a key is
-kept) are tuning kinds.
+learning code was chosen on or looked at; every other kind is held out (`HELD_OUT_KINDS`) and
+reported separately. The question writer's worked examples (a sibling's job, a pet's name, where
+a key is kept) are tuning kinds.
 """
 
 from __future__ import annotations
@@ -221,7 +221,10 @@ KINDS: dict[str, tuple[str, tuple[str, str, str], tuple[str, str]]] = {
                   "Harvested tomatoes from plot {v} at the allotment today."),
                   ("Which plot is my allotment?", "Where do I grow my vegetables?")),
 }
-TUNING_KINDS = tuple(list(KINDS)[:16])
+# The first 16, plus the kinds of the statements quoted in the learning issue, which were tried
+# by hand while the recipe was built (a daughter's instrument, a landlord, a birthplace, a night
+# job, a cat named in a chatty message).
+TUNING_KINDS = tuple(list(KINDS)[:16]) + ("daughter instrument", "landlord", "birthplace", "night job", "cat")
 HELD_OUT_KINDS = tuple(k for k in KINDS if k not in TUNING_KINDS)
 
 def made_up_value(rng: random.Random, value_type: str) -> str:

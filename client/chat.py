@@ -158,7 +158,7 @@ class ChatLoop:
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
     """The sampling flags given; the rest are left to the server's defaults."""
-    return Sampling(max_tokens=args.max_tokens, temperature=args.temperature,
+    return Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=getattr(args, "top_p", None),
                     repetition_penalty=args.repetition_penalty)
 
 
@@ -172,10 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root-cert", default=None, help="PEM root certificate for TLS")
     p.add_argument("--system", default="", help="system prompt of a new session")
     p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="above 1 (e.g. 1.2), tokens already in the conversation are less likely: "
-                        "keeps a small model's greedy replies from looping")
+    # A conversation is sampled: greedy decoding of a small model repeats an earlier answer to
+    # every later question. 0 gives greedy replies.
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="above 1, tokens already in the conversation are less likely: "
+                        "keeps a small model's replies from looping")
     args = p.parse_args(argv)
     sampling = sampling_from_args(args)
     with Client(args.target, api_key=args.api_key, tls=args.tls, root_cert=args.root_cert) as client:

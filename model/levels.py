@@ -36,18 +36,6 @@ class LevelSpec:
     rank: int
     lr: float = 1e-3
     steps: int = 1  # optimizer steps per update ("lora")
-    # "lora" levels updated per turn: a turn that states facts is rehearsed as question→answer
-    # pairs with these (0: no rehearsal); other turns use lr/steps (next-token learning).
-    rehearsal_steps: int = 0
-    rehearsal_lr: float = 0.0
-    # Then up to this many more, TURN_EXTRA_ROUND at a time, until the rehearsed answers are said.
-    rehearsal_extra_steps: int = 0
-    # On the first `replay_turns` turns after one that stated facts, the session's facts are
-    # rehearsed again for `replay_steps` (0: off).
-    replay_steps: int = 0
-    replay_turns: int = 0
-    # A rehearsal asks the session's earlier facts after its last this many exchanges.
-    rehearsal_context_turns: int = 1
     max_update_norm: float = 10.0  # guard: larger updates are rejected
     scale: float = 1.0  # "lora": output scale of the delta
 
@@ -82,14 +70,9 @@ def default_levels(n_layers: int) -> LevelsConfig:
         # The trained memory's writes over a 1,000-token prompt measure ~700 in norm: the bound
         # is there to catch blow-ups, not ordinary turns.
         LevelSpec("fast", "associative", 32, every_third, rank=32, lr=1.0, max_update_norm=1e4),
-        # 8 rehearsal steps, not 6: in-session recall 35% -> 55% on the benchmark's 10 users, and
-        # filler replies stopped reciting facts (10% -> 0%); a fact turn's update costs ~1.3x.
-        LevelSpec("medium", "lora", 0, all_layers, rank=16, lr=3e-4, steps=1, max_update_norm=25.0,
-                  rehearsal_steps=8, rehearsal_lr=5e-3,
-                  # The 3 turns after a fact rehearse the session's facts once more, asked after
-                  # that turn: users 00-02 in session 57% -> 70% (stop 19; without the turn in
-                  # the prompt, 57% -> 57%).
-                  replay_steps=4, replay_turns=3),
+        # The per-turn rehearsal (steps, rate) is `learning.turn.TurnConfig`; `lr`/`steps` are the
+        # gentle next-token step of a turn with nothing to note and of a document's chunk.
+        LevelSpec("medium", "lora", 0, all_layers, rank=16, lr=3e-4, steps=1, max_update_norm=25.0),
         LevelSpec("user", "lora", 0, all_layers, rank=16, lr=3e-3, steps=30, max_update_norm=100.0),
     ))
 

@@ -23,8 +23,8 @@ from .study import study
 @dataclass(frozen=True)
 class TurnConfig:
     rehearsal: RehearsalConfig = field(default_factory=lambda: RehearsalConfig(
-        steps=6, lr=3e-3, everyday_per_step=3, own_answers=3))
-    earlier_notes: int = 6  # the session's most recent notes rehearsed with a new turn's
+        steps=8, lr=5e-3, everyday_per_step=3, own_answers=3))
+    earlier_notes: int = 12  # the session's most recent notes rehearsed with a new turn's
     anchor_window: int = 64  # tokens of general text per step: a turn's update must stay cheap
     writer_samples: int = 2  # questions the model writes per value (the first greedy)
 

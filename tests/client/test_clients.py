@@ -39,7 +39,7 @@ async def test_sync_client(server):
             s = c.create_session("alice")
             tokens = [i for i in c.chat(s.session_id, "hi", Sampling(max_tokens=4))
                       if isinstance(i, Token)]
-            result = c.send(s.session_id, "again", Sampling(max_tokens=3))
+            result = c.send(s.session_id, "My dog's name is Rex.", Sampling(max_tokens=3))
             c.end_session(s.session_id, consolidate=False)
             outcomes = c.consolidate_now("alice", s.session_id)
             exported = c.export_memory("alice")

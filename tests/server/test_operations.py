@@ -60,7 +60,7 @@ async def test_restart_with_embedded_redis_loses_no_committed_state(start_server
     server = await start_server(settings, **embedded)
     async with AsyncClient(f"127.0.0.1:{server.port}") as c:
         s = await c.create_session("alice")
-        r = await c.send(s.session_id, "remember me", Sampling(max_tokens=4))
+        r = await c.send(s.session_id, "My locker code is 7302.", Sampling(max_tokens=4))
         await c.end_session(s.session_id, consolidate=False)
         [done] = await c.consolidate_now("alice", s.session_id)
         level = await c.export_memory("alice")

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_scope="session")]
 
 GREEDY = Sampling(max_tokens=32, temperature=0.0)
 QUESTION = "What is my dog's name?"
-VALUE = "Biscuit"
+VALUE = "Quillon"  # not a word of the question writer's worked examples
 
 
 async def test_fact_is_recalled_in_a_new_session_after_consolidation(start_server, settings, real_model):
