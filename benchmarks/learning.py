@@ -267,10 +267,12 @@ def main() -> None:
     ap.add_argument("--regression-users", type=int, default=3)
     ap.add_argument("--facts", type=int, default=4, help="facts per user")
     ap.add_argument("--conversation", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--general", type=Path, help="general English text for forgetting (" + DATA_HINT + ")")
+    ap.add_argument("--general", type=Path, default=Path(__file__).resolve().parent / "data" / "general_english.txt",
+                    help="general English text for forgetting (default: the WikiText-2 slice in benchmarks/data)")
     ap.add_argument("--general-tokens", type=int, default=4096)
-    ap.add_argument("--forgetting-sessions", type=int, default=20)
-    ap.add_argument("--docs", type=Path, nargs="*", default=[], help="documents for online perplexity")
+    ap.add_argument("--forgetting-sessions", type=int, default=20, help="0: forgetting not measured")
+    ap.add_argument("--docs", type=Path, nargs="*", default=[],
+                    help="documents for online perplexity (" + DATA_HINT + "); none: not measured")
     ap.add_argument("--doc-tokens", type=int, default=1024)
     ap.add_argument("--window", type=int, default=256, help="attention window (prompt tokens) in sessions")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
@@ -320,7 +322,7 @@ def main() -> None:
     })
     learned = m.consolidate(m.new_user_state(), *teach(h, m.new_user_state(), list(held[0].messages), [])[:2])[0]
     out["other_user_changes"] = other_user_changes(h, learned)
-    if args.general is not None:
+    if args.forgetting_sessions > 0:
         log(f"forgetting: {args.forgetting_sessions} sessions of one user")
         f = forgetting(h, args.general, args.general_tokens, args.forgetting_sessions, args.seed)
         out["forgetting"], out["details"]["forgetting"] = f["forgetting"], f

@@ -121,6 +121,7 @@ class NsamServer:
         address = f"{settings.host}:{settings.port}"
         try:
             if settings.tls:
+                assert settings.tls_key is not None and settings.tls_cert is not None  # validate_settings
                 creds = grpc.ssl_server_credentials(
                     [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
                 port = server.add_secure_port(address, creds)
@@ -176,7 +177,7 @@ class NsamServer:
         await closing
         # A consolidation takes minutes on a CPU: one still running is interrupted before its next
         # model call rather than awaited; its job stays queued and a worker redoes it.
-        if self.worker is not None:
+        if self.worker is not None and self.worker_task is not None:
             await self.worker.shutdown(self.worker_task, 0)
         await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.threads))
         await self.store.close()

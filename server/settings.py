@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 ENV_REDIS_URL = "NSAM_REDIS_URL"
 ENV_MODEL = "NSAM_MODEL"
@@ -148,7 +148,10 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
     """Builds the settings from parsed flags; env fills what the flags leave unset."""
     env = os.environ if env is None else env
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+
+    def get(name: str, default: Any = None) -> Any:
+        return getattr(args, name, default)
+
     keys = get("api_keys_file") or env.get(ENV_API_KEYS_FILE) or None
     settings = Settings(
         host=get("host", "127.0.0.1"),

@@ -132,6 +132,7 @@ class StateStore:
                  session_ttl_s: int = 7 * 24 * 3600, versions_kept: int = 5):
         self._r = client
         self._embedded = embedded
+        self._url: str | None = None  # the address connected to (None: the embedded Redis)
         self.session_ttl_ms = session_ttl_s * 1000
         self.versions_kept = versions_kept
         self._commit_turn = client.register_script(lua.COMMIT_TURN)

@@ -25,7 +25,7 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import AbstractSet, Any
 
 from nsam.server.settings import Settings
 
@@ -69,7 +69,7 @@ class AdapterCache:
     next_id: int = 1
     evicted: list[int] = field(default_factory=list)  # ids to unload from vLLM
 
-    def get(self, adapter: Any, in_use: set[int] = frozenset()) -> tuple[int, Path]:
+    def get(self, adapter: Any, in_use: AbstractSet[int] = frozenset()) -> tuple[int, Path]:
         """The adapter's id and directory, written on first use; evicts the least recently used
         beyond `capacity`, except those of turns still decoding (`in_use`)."""
         key = adapter.key()
