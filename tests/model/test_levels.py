@@ -117,7 +117,7 @@ def test_a_stored_state_outlives_tuning_of_how_its_levels_learn(tiny):
             replace(s, **changes) if s.rule == "lora" else s for s in levels.levels)), "x")
 
     base = model_with()
-    tuned = model_with(lr=1e-2, steps=3, rehearsal_steps=2, rehearsal_extra_steps=6, max_update_norm=1.0)
+    tuned = model_with(lr=1e-2, steps=3, max_update_norm=1.0)
     assert tuned.fingerprint == base.fingerprint
     tuned.check_state(base.new_user_state(), "user")
     for shape in ({"rank": 4}, {"layers": (0,)}, {"scale": 0.5}):  # what a stored state means

@@ -35,7 +35,11 @@ async def test_consolidation_via_the_stream_worker(client):
     assert info.version == 1 and info.versions[0].source == "consolidation"
     # each note the level was taught: what it is about, its value, and the answer rehearsed
     assert [(f.key, f.value, f.answer) for f in info.facts] == [("My dog's name is", "Rex", "Your dog's name is Rex.")]
-    health = await client.memory_health()
+    for _ in range(200):  # the worker records the job's outcome just after it commits the level
+        health = await client.memory_health()
+        if health.jobs_by_outcome.get("accepted") == 1 and health.queue_depth == 0:
+            break
+        await asyncio.sleep(0.05)
     assert health.jobs_by_outcome.get("accepted") == 1 and health.queue_depth == 0
     # a new session starts from the new user level
     s2 = await client.create_session("alice")
