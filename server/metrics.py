@@ -20,13 +20,10 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 # Learning work: a medium update takes tens of seconds and a consolidation minutes on a CPU.
 _SLOW = _LATENCY + (60, 120, 300, 600, 1800, 3600)
 _LOSS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 6, 8, 12)
-# A level's health spans decades, and differently per level (one histogram holds all levels).
-# Measured once on the real default model (SmolLM2-135M-Instruct, CPU: two chat turns and a
-# consolidation; tests/server/test_operations.py checks a real turn still lands inside):
-#   fast    surprise 1.1e4-7.2e5   update norm 288-1185   state norm and drift 1185-1453
-#   medium  surprise 0.35-1.25     update norm 4.7-7.9    state norm and drift 7.9-9.9
-#   user                           update norm 11.3       drift 11.3
-# The ranges leave two decades or more around every one of them (3 buckets a decade).
+# A level's health spans decades, and differently per level (one histogram holds all levels):
+# log-spaced buckets, 3 a decade, wide enough that the real default model's fast, medium and
+# user levels all land inside (tests/server/test_operations.py checks a real turn does; the
+# measured ranges are in benchmarks/README.md).
 LEVEL_SURPRISE_RANGE = (1e-3, 1e8)
 LEVEL_NORM_RANGE = (1e-4, 1e6)
 _SURPRISE = log_buckets(*LEVEL_SURPRISE_RANGE)

@@ -144,8 +144,8 @@ class VllmModel:
     def check_state(self, data, kind):
         return self.native.check_state(data, kind)
 
-    def user_facts(self, user_state):
-        return self.native.user_facts(user_state)
+    def user_notes(self, user_state):
+        return self.native.user_notes(user_state)
 
     def document_chunks(self, text):
         return self.native.document_chunks(text)
