@@ -43,7 +43,7 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return [ids[7 * i: 7 * i + length] for i in range(n)]
 
 
-class _NoEos:
+class NoEos:
     """The tokenizer with no end-of-sequence ids, so every run decodes the same number of tokens."""
 
     eos_token_ids: tuple[int, ...] = ()
@@ -65,7 +65,7 @@ class Ours:
         self.state = model.new_session_state(None)
         # One generator for every batch size: it owns the model's KV cache.
         self.gen = model.generator(PREFILL_BATCH, learning=False)
-        self.gen.inner.tokenizer = _NoEos(self.gen.inner.tokenizer)
+        self.gen.inner.tokenizer = NoEos(self.gen.inner.tokenizer)
         self.runs = 0
 
     def _add(self, gen, batch: list[list[int]], max_tokens: int) -> list[str]:

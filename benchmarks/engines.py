@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from decode import NoEos  # the script's folder is on sys.path
 from nsam.model.runtime import NsamModel
 from nsam.model.sampling import SamplingParams
 from nsam.model.state import MemoryState
@@ -63,18 +64,6 @@ def session_with_levels(model: NsamModel, seed: int, std: float = LEVEL_STD) -> 
     return state.to_bytes(model.fingerprint, model.levels)
 
 
-class _NoEos:
-    """The tokenizer with no end-of-sequence ids, so every sequence decodes the same count."""
-
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def _batch(model, size: int, learning: bool, no_eos: bool):
     """model.generator(size), with end-of-sequence off when `no_eos` (native or vLLM)."""
     batch = model.generator(size, learning=learning)
@@ -85,7 +74,7 @@ def _batch(model, size: int, learning: bool, no_eos: bool):
             core = batch
             while not hasattr(core, "tokenizer"):  # DeviceBatch -> SessionBatch -> Generator
                 core = core.inner
-            core.tokenizer = _NoEos(core.tokenizer)
+            core.tokenizer = NoEos(core.tokenizer)
     return batch
 
 

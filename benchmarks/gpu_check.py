@@ -35,6 +35,7 @@ import torch
 
 from engines import PROMPTS, session_with_levels
 from nsam.model.device import load_on, parse_device
+from decode import NoEos  # the script's folder is on sys.path
 from nsam.model.runtime import NsamModel
 from nsam.model.sampling import SamplingParams
 from nsam.model.state import MemoryState
@@ -52,18 +53,6 @@ FACT_TURNS = [
     {"role": "user", "content": "My dog is called Pepper."},
     {"role": "assistant", "content": "Pepper is a lovely name for a dog."},
 ]
-
-
-class _NoEos:
-    """The tokenizer with no end-of-sequence ids, so every sequence decodes the same count."""
-
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def _generator_core(batch):
@@ -85,7 +74,7 @@ def _sync(device: torch.device) -> None:
 def greedy(model, prompts: list[list[int]], states: list[bytes], tokens: int) -> list[list[int]]:
     """Greedy ids of each prompt with its own session state, all in one batch, learning off."""
     gen = model.generator(len(prompts), learning=False)
-    _generator_core(gen).tokenizer = _NoEos(_generator_core(gen).tokenizer)
+    _generator_core(gen).tokenizer = NoEos(_generator_core(gen).tokenizer)
     for i, (p, s) in enumerate(zip(prompts, states)):
         gen.add(str(i), p, s, SamplingParams(max_tokens=tokens))
     out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
@@ -122,7 +111,7 @@ def decode_rate(model, states: list[bytes], prompts: list[list[int]], batch: int
     """Generated tokens per second of the decode steps after the prefill step, learning on."""
     gen = model.generator(batch, learning=True)
     core = _generator_core(gen)
-    core.tokenizer = _NoEos(core.tokenizer)
+    core.tokenizer = NoEos(core.tokenizer)
     ids = [f"b{batch}.{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
         gen.add(rid, prompts[i % len(prompts)], states[i % len(states)], SamplingParams(max_tokens=tokens + 1))
