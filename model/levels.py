@@ -18,7 +18,7 @@ Axis letters: L selected layers, R memory/adapter rank, F MLP width, D model wid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,8 @@ def default_levels(n_layers: int) -> LevelsConfig:
 # -- states -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoraState:
-    """Low-rank MLP deltas plus their Adam moments (the optimizer is a memory too)."""
+    """Low-rank MLP deltas plus their Adam moments (the optimizer is a memory too, but a short
+    one: stored states keep A and B only, and an update read from bytes restarts its moments)."""
 
     a: Tensor  # (L, R, F)
     b: Tensor  # (L, D, R), zero at init
@@ -88,7 +89,9 @@ class LoraState:
     v_a: Tensor
     m_b: Tensor
     v_b: Tensor
-    step: Tensor  # () int64
+    step: Tensor  # () int64: optimizer steps the level has taken in all
+    # () int64: the step at which the moments were last zero (Adam's bias correction counts from it)
+    moments_from: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     @classmethod
     def zeros(cls, spec: LevelSpec, hidden_dim: int, dim: int, seed: int) -> "LoraState":
@@ -98,6 +101,11 @@ class LoraState:
         b = torch.zeros(n, dim, spec.rank)
         return cls(a, b, torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(b),
                    torch.zeros_like(b), torch.zeros((), dtype=torch.int64))
+
+    def without_moments(self) -> "LoraState":
+        """The same weights with Adam restarted: zero moments from this step on."""
+        zeros_a, zeros_b = torch.zeros_like(self.a), torch.zeros_like(self.b)
+        return LoraState(self.a, self.b, zeros_a, zeros_a, zeros_b, zeros_b, self.step, self.step)
 
     @property
     def is_empty(self) -> bool:
@@ -142,7 +150,8 @@ def state_tensors(state: LevelState) -> dict[str, Tensor]:
 
 def state_from_tensors(rule: str, tensors: dict[str, Tensor]) -> LevelState:
     cls = LoraState if rule == "lora" else AssociativeState
-    return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+    return cls(**{f.name: tensors[f.name] for f in fields(cls)  # KeyError: a required tensor is missing
+                  if f.name in tensors or (f.default is MISSING and f.default_factory is MISSING)})
 
 
 def new_state(spec: LevelSpec, hidden_dim: int, dim: int, seed: int = 0) -> LevelState:

@@ -1,7 +1,10 @@
 """Level states as bytes: safetensors with a format version and a config fingerprint.
 
-A session's state holds its fast and medium levels plus a snapshot of its user's slow level
-(weights only: the slow level's optimizer moments belong to the user's own state). A user's
+A session's state holds its fast and medium levels plus a snapshot of its user's slow level. A
+LoRA level is stored as its A and B in bfloat16 and its step count, without Adam's moments: a
+level read from bytes is float32 again and its next update restarts the moments from zero (each
+update is a rehearsal of several steps of its own). Format 1 states (float32, with moments) are
+still read, moments and all. A user's
 or session state also keeps its notes (what the user said, as questions and answers: a session's
 from its turns, a user's for every later consolidation to rehearse), in the metadata, under the
 digest. A state
@@ -22,7 +25,9 @@ from .errors import StateError
 from .learning.notes import Note, notes_from_facts_json, notes_from_json, notes_to_json
 from .levels import LevelsConfig, LevelState, LoraState, state_from_tensors, state_tensors
 
-FORMAT = "nsam.state/1"
+FORMAT = "nsam.state/2"
+_READABLE = (FORMAT, "nsam.state/1")  # 1: LoRA levels in float32 with their Adam moments
+_STORED_LORA = ("a", "b", "step")  # what format 2 keeps of a LoRA level (a session's user snapshot: a, b)
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,12 @@ class MemoryState:
         tensors = {}
         for name, st in sorted(self.levels.items()):  # sorted: the same state gives the same bytes
             for field_name, t in sorted(state_tensors(st).items()):
-                if self.kind == "session" and name == "user" and field_name not in ("a", "b"):
-                    continue  # the user level's moments stay in the user's own state
+                if isinstance(st, LoraState):
+                    if field_name not in _STORED_LORA or (self.kind == "session" and name == "user"
+                                                          and field_name == "step"):
+                        continue  # moments restart on read; a snapshot's step is the user state's
+                    if field_name in ("a", "b"):
+                        t = t.to(torch.bfloat16)
                 tensors[f"{name}/{field_name}"] = t.detach().cpu().contiguous()  # bytes from any device
         notes = notes_to_json(self.notes) if self.notes else ""
         meta = {"format": FORMAT, "kind": self.kind, "fingerprint": fingerprint,
@@ -54,7 +63,7 @@ class MemoryState:
             meta = _metadata(data)
         except (SafetensorError, ValueError, OSError) as err:
             raise StateError(f"not a valid nsam state: {err}") from err
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in _READABLE:
             raise StateError(f"unsupported state format {meta.get('format')!r} (expected {FORMAT})")
         if meta.get("kind") != kind:
             raise StateError(f"this is a {meta.get('kind')} state, expected a {kind} state")
@@ -73,10 +82,13 @@ class MemoryState:
         for name in filter(None, meta.get("levels", "").split(",")):
             spec = config.get(name)
             fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
-            if kind == "session" and name == "user":
-                fields.update(m_a=torch.zeros_like(fields["a"]), v_a=torch.zeros_like(fields["a"]),
-                              m_b=torch.zeros_like(fields["b"]), v_b=torch.zeros_like(fields["b"]),
-                              step=torch.zeros((), dtype=torch.int64))
+            if spec.rule == "lora" and "a" in fields and "b" in fields:
+                fields["a"], fields["b"] = fields["a"].float(), fields["b"].float()
+                if "m_a" not in fields:  # format 2, or a session's user snapshot: moments restart
+                    step = fields.get("step", torch.zeros((), dtype=torch.int64))
+                    zeros_a, zeros_b = torch.zeros_like(fields["a"]), torch.zeros_like(fields["b"])
+                    fields.update(m_a=zeros_a, v_a=zeros_a, m_b=zeros_b, v_b=zeros_b, step=step,
+                                  moments_from=step)
             if spec.rule == "associative" and "taken" not in fields:
                 # Written before the fast level counted its tokens: nothing counts as out of view.
                 fields["taken"] = torch.zeros((), dtype=torch.int64)
@@ -123,5 +135,4 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 def user_snapshot(user: LoraState) -> LoraState:
     """The user level as a session carries it: weights, fresh moments."""
-    zeros_a, zeros_b = torch.zeros_like(user.a), torch.zeros_like(user.b)
-    return LoraState(user.a, user.b, zeros_a, zeros_a, zeros_b, zeros_b, torch.zeros((), dtype=torch.int64))
+    return replace(user, step=torch.zeros((), dtype=torch.int64)).without_moments()

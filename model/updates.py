@@ -109,7 +109,7 @@ def delta_norm(a: Tensor, b: Tensor) -> float:
 def adam(state: LoraState, grad_a: Tensor, grad_b: Tensor, lr: float,
          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> LoraState:
     step = state.step + 1
-    t = int(step)
+    t = int(step - state.moments_from)  # steps since the moments were zero (bias correction)
     m_a = betas[0] * state.m_a + (1 - betas[0]) * grad_a
     v_a = betas[1] * state.v_a + (1 - betas[1]) * grad_a.square()
     m_b = betas[0] * state.m_b + (1 - betas[0]) * grad_b
@@ -117,7 +117,7 @@ def adam(state: LoraState, grad_a: Tensor, grad_b: Tensor, lr: float,
     c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
     a = state.a - lr * (m_a / c1) / ((v_a / c2).sqrt() + eps)
     b = state.b - lr * (m_b / c1) / ((v_b / c2).sqrt() + eps)
-    return LoraState(a, b, m_a, v_a, m_b, v_b, step)
+    return LoraState(a, b, m_a, v_a, m_b, v_b, step, state.moments_from)
 
 
 def train_lora(model: Transformer, spec: LevelSpec, state: LoraState, frozen: list[LoraState],
