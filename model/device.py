@@ -89,12 +89,15 @@ class DeviceModel:
     def document_chunks(self, text):
         return self.native.document_chunks(text)
 
+    def merge_medium(self, latest, updated):
+        return self.native.merge_medium(latest, updated)
+
     # -- tensor work: on the device ----------------------------------------------------------------
     def generator(self, max_batch: int, learning: bool = True) -> "DecodeBatch":
         return DeviceBatch(self._run(self.native.generator, max_batch, learning), self.device)
 
-    def update_medium(self, session_state, messages):
-        return self._run(self.native.update_medium, session_state, messages)
+    def update_medium(self, session_state, messages, turns=1):
+        return self._run(self.native.update_medium, session_state, messages, turns)
 
     def read_document_chunk(self, session_state, ids):
         return self._run(self.native.read_document_chunk, session_state, ids)

@@ -59,8 +59,12 @@ class ServingModel(Protocol):
 
     def generator(self, max_batch: int, learning: bool = True) -> DecodeBatch: ...
 
-    def update_medium(self, session_state: bytes, messages: Messages) -> tuple[bytes, list[LevelReport]]:
-        """After a reply: the session state with the medium level updated on the turn."""
+    def update_medium(self, session_state: bytes, messages: Messages, turns: int = 1
+                      ) -> tuple[bytes, list[LevelReport]]:
+        """After a reply: the session state with the medium level updated on the last `turns` turns."""
+
+    def merge_medium(self, latest: bytes, updated: bytes) -> bytes:
+        """`latest` with the medium level and the notes of `updated` (pure: state bytes in and out)."""
 
     def document_chunks(self, text: str) -> list[list[int]]: ...
 

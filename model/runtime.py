@@ -191,21 +191,34 @@ class NsamModel:
     def generator(self, max_batch: int, learning: bool = True) -> "SessionBatch":
         return SessionBatch(self, max_batch, learning)
 
-    def update_medium(self, session_state: bytes, messages: list[dict[str, str]]
+    def update_medium(self, session_state: bytes, messages: list[dict[str, str]], turns: int = 1
                       ) -> tuple[bytes, list[LevelReport]]:
         """After a reply; `messages` is the session so far, ending with the user's message and the
-        reply. The user's message is studied into notes and rehearsed with the session's earlier
-        ones; a message that says nothing to note is learnt as text (`learning.turn`)."""
+        reply. The user's last `turns` messages are studied into notes and rehearsed with the
+        session's earlier ones; a message that says nothing to note is learnt as text
+        (`learning.turn`). Several turns (a coalesced update, when the learner falls behind) are
+        one update over their messages joined by newlines: the cost of one turn's."""
         state = self._read(session_state, "session")
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users:
             raise ValueError("update_medium needs the session's messages, ending with the user's and the reply")
+        if turns < 1:
+            raise ValueError(f"turns must be at least 1, got {turns}")
         spec = self.levels.get("medium")
         parents = [state.levels["user"]] if "user" in state.levels else []
-        update = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], parents, users[-1],
-                            state.notes, self.anchor_ids, len(users), self.turn)
+        update = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], parents,
+                            "\n".join(users[-turns:]), state.notes, self.anchor_ids, len(users), self.turn)
         state = replace(state.with_level("medium", update.state), notes=(*state.notes, *update.notes))
         return self._write(state), [_with_drift(update.report, update.state)]
+
+    def merge_medium(self, latest: bytes, updated: bytes) -> bytes:
+        """`latest` with what a medium update owns taken from `updated`: the medium level and the
+        session's notes (the fast level and the user snapshot stay `latest`'s). Both are session
+        states; an update that ran while later turns committed lands on them this way."""
+        base, update = self._read(latest, "session"), self._read(updated, "session")
+        if "medium" not in update.levels:
+            return latest
+        return self._write(replace(base.with_level("medium", update.levels["medium"]), notes=update.notes))
 
     def document_chunks(self, text: str) -> list[list[int]]:
         """A document's token ids in the chunks `read_document_chunk` takes."""

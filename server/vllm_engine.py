@@ -150,8 +150,11 @@ class VllmModel:
     def document_chunks(self, text):
         return self.native.document_chunks(text)
 
-    def update_medium(self, session_state, messages):
-        return self.native.update_medium(session_state, messages)
+    def merge_medium(self, latest, updated):
+        return self.native.merge_medium(latest, updated)
+
+    def update_medium(self, session_state, messages, turns=1):
+        return self.native.update_medium(session_state, messages, turns)
 
     def read_document_chunk(self, session_state, ids):
         return self.native.read_document_chunk(session_state, ids)

@@ -1,5 +1,6 @@
 """`NsamModel.read_document_chunk`: a document goes into a session's levels chunk by chunk, each
-chunk scored with what the chunks before left, each update guarded."""
+chunk scored with what the chunks before left, each update guarded. And the medium update the
+server's learner runs after turns: over several turns at once, merged onto a later state."""
 
 import dataclasses
 import math
@@ -69,3 +70,31 @@ def test_a_rejected_update_leaves_its_level_as_it_was():
     after, read = model.read_document_chunk(fresh, model.document_chunks(TEXT)[0])
     assert [(r.level, r.reason) for r in read.reports] == [("fast", "non-finite"), ("medium", "norm-bound")]
     assert _unchanged(model, fresh, after, "fast") and _unchanged(model, fresh, after, "medium")
+
+
+def _chat(*said: str) -> list[dict[str, str]]:
+    return [m for text in said for m in ({"role": "user", "content": text}, {"role": "assistant", "content": "ok"})]
+
+
+def _notes(model, data: bytes) -> list[str]:
+    return [n.value for n in MemoryState.from_bytes(data, model.fingerprint, model.levels, "session").notes]
+
+
+def test_a_coalesced_update_studies_every_turn_it_covers(tiny):
+    messages = _chat("my cat is Tom", "my dog is Rex", "my fish is Bob")
+    fresh = tiny.new_session_state(None)
+    assert _notes(tiny, tiny.update_medium(fresh, messages)[0]) == ["Bob"]
+    assert _notes(tiny, tiny.update_medium(fresh, messages, 2)[0]) == ["Rex", "Bob"]
+    with pytest.raises(ValueError, match="turns"):
+        tiny.update_medium(fresh, messages, 0)
+
+
+def test_merge_medium_takes_the_update_and_keeps_the_later_fast_level(tiny):
+    before = tiny.new_session_state(None)
+    updated, _ = tiny.update_medium(before, _chat("my cat is Tom"))
+    later, _ = tiny.read_document_chunk(before, tiny.document_chunks(TEXT)[0])  # the fast level moved on
+    merged = tiny.merge_medium(later, updated)
+    assert _unchanged(tiny, updated, merged, "medium") and _notes(tiny, merged) == ["Tom"]
+    assert _unchanged(tiny, later, merged, "fast") and _unchanged(tiny, later, merged, "user")
+    assert not _unchanged(tiny, before, merged, "fast")
+    assert tiny.merge_medium(merged, updated) == merged  # merging again changes nothing
