@@ -68,12 +68,13 @@ class Session:
     updated_unix_ms: int
     state_bytes: int
     transcript: tuple[Message, ...] = ()
+    learnt_turns: int = 0  # chat turns the medium level has learnt (the rest are pending)
 
     @classmethod
     def from_pb(cls, m: pb.Session) -> "Session":
         return cls(m.session_id, m.user, m.version, m.user_memory_version, m.turns, m.ended,
                    m.created_unix_ms, m.updated_unix_ms, m.state_bytes,
-                   tuple(Message(x.role, x.content) for x in m.transcript))
+                   tuple(Message(x.role, x.content) for x in m.transcript), m.learnt_turns)
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,14 @@ class TurnResult:
     completion_tokens: int
     session_version: int
     user_memory_version: int
-    learned: bool
+    learned: bool  # its medium update is queued (it commits after the turn)
+    learnt_turns: int = 0  # chat turns learnt into the medium level the turn decoded with
 
     @classmethod
     def from_pb(cls, d: pb.TurnDone) -> "TurnResult":
         return cls(d.text, _FINISH.get(d.finish_reason, "unspecified"), d.usage.prompt_tokens,
-                   d.usage.completion_tokens, d.session_version, d.user_memory_version, d.learned)
+                   d.usage.completion_tokens, d.session_version, d.user_memory_version, d.learned,
+                   d.learnt_turns)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ class Message(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "user", "version", "user_memory_version", "turns", "ended", "created_unix_ms", "updated_unix_ms", "state_bytes", "transcript")
+    __slots__ = ("session_id", "user", "version", "user_memory_version", "turns", "ended", "created_unix_ms", "updated_unix_ms", "state_bytes", "transcript", "learnt_turns")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Session(_message.Message):
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    LEARNT_TURNS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     user: str
     version: int
@@ -48,7 +49,8 @@ class Session(_message.Message):
     updated_unix_ms: int
     state_bytes: int
     transcript: _containers.RepeatedCompositeFieldContainer[Message]
-    def __init__(self, session_id: _Optional[str] = ..., user: _Optional[str] = ..., version: _Optional[int] = ..., user_memory_version: _Optional[int] = ..., turns: _Optional[int] = ..., ended: _Optional[bool] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., state_bytes: _Optional[int] = ..., transcript: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
+    learnt_turns: int
+    def __init__(self, session_id: _Optional[str] = ..., user: _Optional[str] = ..., version: _Optional[int] = ..., user_memory_version: _Optional[int] = ..., turns: _Optional[int] = ..., ended: _Optional[bool] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., state_bytes: _Optional[int] = ..., transcript: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., learnt_turns: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("user", "system_prompt")
@@ -153,20 +155,22 @@ class TokenDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class TurnDone(_message.Message):
-    __slots__ = ("finish_reason", "usage", "session_version", "user_memory_version", "learned", "text")
+    __slots__ = ("finish_reason", "usage", "session_version", "user_memory_version", "learned", "text", "learnt_turns")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
     USER_MEMORY_VERSION_FIELD_NUMBER: _ClassVar[int]
     LEARNED_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    LEARNT_TURNS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     session_version: int
     user_memory_version: int
     learned: bool
     text: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., session_version: _Optional[int] = ..., user_memory_version: _Optional[int] = ..., learned: _Optional[bool] = ..., text: _Optional[str] = ...) -> None: ...
+    learnt_turns: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., session_version: _Optional[int] = ..., user_memory_version: _Optional[int] = ..., learned: _Optional[bool] = ..., text: _Optional[str] = ..., learnt_turns: _Optional[int] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
     __slots__ = ("token", "done")

@@ -5,7 +5,7 @@ import warnings
 
 from nsam.protos import nsam_pb2 as nsam_dot_protos_dot_nsam__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

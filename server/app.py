@@ -23,6 +23,7 @@ from nsam.protos import nsam_pb2_grpc as pb_grpc
 from nsam.server.auth import ApiKeys
 from nsam.server.engine import Engine, LevelBook, ModelThread
 from nsam.server.errors import InFlight, StatusInterceptor, Unavailable
+from nsam.server.learner import LearnerQueue
 from nsam.server.service import AdminService, ChatService, MemoryService
 from nsam.server.settings import Settings
 from nsam.server.store import StateStore
@@ -88,9 +89,12 @@ class NsamServer:
             await store.close()
             raise
         levels = LevelBook()
-        consolidator = Consolidator(store, threads[-1], levels)
+        learner_queue = LearnerQueue(store, threads[1], levels, settings.learner_queue,
+                                     settings.consolidate_every_turns) if settings.learning else None
+        consolidator = Consolidator(store, threads[-1], levels,
+                                    drain=learner_queue.drain if learner_queue else None)
         engine = Engine(settings, store, threads[0], levels, consolidator,
-                        learner=threads[1] if settings.learning else None)
+                        learner=threads[1] if settings.learning else None, learner_queue=learner_queue)
         in_flight = InFlight()
         try:
             server, health_servicer, port = await cls._grpc(settings, engine, keys, in_flight)
@@ -179,6 +183,10 @@ class NsamServer:
         # model call rather than awaited; its job stays queued and a worker redoes it.
         if self.worker is not None and self.worker_task is not None:
             await self.worker.shutdown(self.worker_task, 0)
+        # Queued medium updates are not awaited: their turns stay unlearnt in the session
+        # records, and the session's next job on any replica learns them (learner.py).
+        if self.engine.learner_queue is not None:
+            await self.engine.learner_queue.stop()
         await asyncio.gather(*(asyncio.to_thread(t.stop) for t in self.threads))
         await self.store.close()
 

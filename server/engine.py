@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, AsyncGenerator, AsyncIterator
 from nsam.model.errors import StateError
 from nsam.server import metrics
 from nsam.server.bounds import check_sampling
-from nsam.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from nsam.server.errors import Conflict, FailedPrecondition, InvalidArgument, Unavailable
+from nsam.server.learner import LearnerQueue
 from nsam.server.level_book import LevelBook, LevelHealth, observe_finite
 from nsam.server.model_thread import ModelThread, TurnEnd, unreadable_session
 from nsam.server.settings import Limits, Settings
-from nsam.server.store import LevelVersion, QueueStats, SessionRecord, StateStore
+from nsam.server.store import LearntMoved, LevelVersion, QueueStats, SessionRecord, StateStore
 
 if TYPE_CHECKING:
     from nsam.model.runtime import Note, SamplingParams, TokenEvent
@@ -42,8 +43,9 @@ class TurnDone:
     completion_tokens: int
     session_version: int
     user_memory_version: int
-    learned: bool
+    learned: bool  # its medium update is queued on the learner (it commits later, on its own)
     text: str
+    learnt_turns: int = 0  # chat turns the medium level the turn decoded with had learnt
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class Engine:
     """Sessions, turns and user memory over the store and the model thread."""
 
     def __init__(self, settings: Settings, store: StateStore, thread: ModelThread,
-                 level_book: LevelBook, consolidator: Consolidator, learner: ModelThread | None = None):
+                 level_book: LevelBook, consolidator: Consolidator, learner: ModelThread | None = None,
+                 learner_queue: LearnerQueue | None = None):
         self.settings = settings
         self.limits: Limits = settings.limits
         self.store = store
@@ -85,6 +88,10 @@ class Engine:
         self.model = thread.model
         self.level_book = level_book
         self.consolidator = consolidator
+        # The medium updates of turns, after the turns (None with learning off).
+        self.learner_queue = learner_queue or (
+            LearnerQueue(store, self.learner, level_book, settings.learner_queue,
+                         settings.consolidate_every_turns) if settings.learning else None)
         self._user_states: dict[tuple[str, int], bytes] = {}  # small cache by version
 
     @property
@@ -114,6 +121,8 @@ class Engine:
         return await self.store.get_session(session_id, with_transcript=with_transcript)
 
     async def end_session(self, session_id: str, consolidate: bool) -> tuple[SessionRecord, bool]:
+        """Ends the session at once; its consolidation, enqueued now, first waits for (or itself
+        learns) the session's pending medium updates (`Consolidator`)."""
         session = await self.store.end_session(session_id)
         enqueue = consolidate and self.settings.learning and session.version > 0
         if enqueue:
@@ -124,7 +133,9 @@ class Engine:
 
     async def chat(self, session_id: str, message: str, params: SamplingParams
                    ) -> AsyncGenerator[TokenEvent | TurnDone, None]:
-        """Streams TokenEvents, then one TurnDone after the turn is committed."""
+        """Streams TokenEvents, then one TurnDone once the turn is committed: its transcript and
+        the fast level's writes. The turn's medium update is queued on the learner and commits
+        later; the turn decodes with the medium level of the updates committed before it."""
         started = time.perf_counter()
         check_sampling(params, self.limits, self.context_window)
         session = await self.store.get_session(session_id, with_transcript=False)
@@ -168,13 +179,12 @@ class Engine:
             completion = len(parts)
             reply = "".join(parts)
             transcript = messages + [{"role": "assistant", "content": reply}]
-            learnt, learned = await self._learn(session, end, message, reply)
-            version = await self.store.commit_turn(session, learnt, transcript)
+            learnt = session.user_turns if session.learnt_turns is None else session.learnt_turns
+            version = await self._commit_turn(session, end, transcript, learnt)
+            if self.learner_queue is not None:
+                self.learner_queue.enqueue(session_id, session.user_turns + 1)
             yield TurnDone(end.finish_reason, len(prompt), completion, version,
-                           session.user_version, learned, reply)
-            every = self.settings.consolidate_every_turns
-            if learned and every and (session.turns + 1) % every == 0:
-                await self.store.enqueue_consolidation(session, version)
+                           session.user_version, self.learner_queue is not None, reply, learnt)
 
     async def read_document(self, session_id: str, text: str) -> DocumentRead:
         """Reads `text` into the session's levels chunk by chunk (each chunk is its own model
@@ -188,6 +198,8 @@ class Engine:
             raise FailedPrecondition("session has ended; create a new session")
         chunks = await self.thread.call(self.model.document_chunks, text)
         async with self._leased(session_id):
+            if self.learner_queue is not None:  # the document's update comes after the turns'
+                await self.learner_queue.drain(session_id)
             session, state = await self._open_session(session_id)
             predicted, loss_sum, rejected = 0, 0.0, 0
             for ids in chunks:
@@ -199,7 +211,7 @@ class Engine:
                 predicted += read.tokens
                 loss_sum += read.loss * read.tokens
                 rejected += sum(not r.accepted and r.reason != "no-data" for r in read.reports)
-            version = await self.store.commit_turn(session, state, session.transcript)
+            version = await self.store.commit_turn(session, state, session.transcript, session.learnt_turns)
         tokens = sum(len(c) for c in chunks)
         metrics.document_tokens_total.inc(tokens)
         perplexity = math.exp(loss_sum / predicted) if predicted else 1.0
@@ -232,18 +244,26 @@ class Engine:
                                      "end it and create a new session")
         return session, session.state
 
-    async def _learn(self, session: SessionRecord, end: TurnEnd, message: str,
-                     reply: str) -> tuple[bytes | None, bool]:
-        """The state to commit: fast writes from the turn plus the medium update on it;
-        None (keep the stored state) when learning is off."""
+    async def _commit_turn(self, session: SessionRecord, end: TurnEnd, transcript: list[dict[str, str]],
+                           learnt: int) -> int:
+        """Commits the turn: its transcript and, when learning, the fast level's writes; merged
+        onto the medium level of any update the learner committed during the turn."""
         if not self.settings.learning:
-            return None, False
+            return await self.store.commit_turn(session, None, transcript)
         self.level_book.record(end.reports)
-        messages = session.transcript + [{"role": "user", "content": message},
-                                         {"role": "assistant", "content": reply}]
-        state, reports = await self.learner.call(self.learner.model.update_medium, end.state, messages)
-        self.level_book.record(reports)
-        return state, True
+        state = end.state
+        assert state is not None  # a finished turn has its state
+        for _ in range(5):
+            try:
+                return await self.store.commit_turn(session, state, transcript, learnt)
+            except LearntMoved:
+                latest = await self.store.get_session(session.session_id, with_state=True, with_transcript=False)
+                if latest.version != session.version or latest.state is None or latest.learnt_turns is None:
+                    break
+                state = await self.thread.call(self.model.merge_medium, state, latest.state)
+                learnt = latest.learnt_turns
+        metrics.cas_conflicts_total.labels("session").inc()
+        raise Conflict("session changed (or vanished) during the turn; this turn was not saved")
 
     async def _keep_lease(self, session_id: str, token: str) -> None:
         """Renews the turn lease while the turn runs, so a long turn keeps its session while a
@@ -306,6 +326,7 @@ class Engine:
         return await self.store.forget_user(user)
 
     async def consolidate_now(self, user: str, session_id: str | None) -> list[ConsolidationOutcome]:
+        """Runs consolidations now (each after its session's pending medium updates)."""
         if session_id:
             await self.store.get_session(session_id, with_transcript=False)  # NOT_FOUND if unknown
             return [await self.consolidator.run(session_id)]

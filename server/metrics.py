@@ -110,6 +110,22 @@ cas_conflicts_total = Counter(
     "nsam_cas_conflicts_total", "Compare-and-set commits refused by a newer version.", ["kind"]
 )
 
+# --- the learner (medium updates after turns) ----------------------------------------------
+learner_queue_depth = Gauge(
+    "nsam_learner_queue_depth", "Medium updates waiting for the learner (each covers one or more turns)."
+)
+learner_pending_turns = Gauge(
+    "nsam_learner_pending_turns", "Chat turns committed whose medium update has not committed yet."
+)
+learner_coalesced_turns_total = Counter(
+    "nsam_learner_coalesced_turns_total",
+    "Turns folded into a session's waiting medium update because the learner queue was past its limit.",
+)
+learner_lag_seconds = Histogram(
+    "nsam_learner_lag_seconds", "From a turn's commit to the commit of the medium update that learnt it.",
+    buckets=_SLOW,
+)
+
 # --- consolidation -----------------------------------------------------------------------
 consolidation_queue_depth = Gauge(
     "nsam_consolidation_queue_depth", "Consolidation jobs enqueued and not yet acknowledged."

@@ -28,6 +28,7 @@ def session_pb(s: SessionRecord, with_transcript: bool = False) -> pb.Session:
         session_id=s.session_id, user=s.user, version=s.version,
         user_memory_version=s.user_version, turns=s.turns, ended=s.ended,
         created_unix_ms=s.created_ms, updated_unix_ms=s.updated_ms, state_bytes=s.state_bytes,
+        learnt_turns=s.learnt_turns if s.learnt_turns is not None else s.turns,
         transcript=[pb.Message(role=m["role"], content=m["content"]) for m in s.transcript]
         if with_transcript else [])
 
@@ -55,7 +56,7 @@ def done_pb(d: TurnDone) -> pb.ChatEvent:
         usage=pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
                        total_tokens=d.prompt_tokens + d.completion_tokens),
         session_version=d.session_version, user_memory_version=d.user_memory_version,
-        learned=d.learned, text=d.text))
+        learned=d.learned, text=d.text, learnt_turns=d.learnt_turns))
 
 
 # --------------------------------------------------------------------------- servicers

@@ -62,6 +62,7 @@ class Settings:
     lease_ms: int = 30_000                # turn lease; renewed every third of it while the turn runs
     lease_wait_s: float = 30.0            # a second turn on a busy session waits this long
     consolidate_every_turns: int = 0      # 0 = consolidate at session end only
+    learner_queue: int = 64               # medium updates waiting; past it a session's are coalesced
     claim_idle_ms: int = 60_000           # reclaim jobs of a worker silent this long
     shutdown_grace_s: float = 30.0        # turns in flight get this long to commit on SIGTERM
     health_check_interval_s: float = 5.0  # gRPC health follows a store ping this often
@@ -125,6 +126,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="seconds an idle session is kept")
     parser.add_argument("--consolidate-every", type=int, default=0,
                         help="also enqueue consolidation every N turns (0 = at session end only)")
+    parser.add_argument("--learner-queue", type=int, default=64,
+                        help="medium updates waiting for the learner before a session's next turns "
+                             "are coalesced into its waiting update (one update over several turns)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds turns in flight get to commit on SIGTERM; those still running "
                              "then end with UNAVAILABLE saying they were not saved (keep it below "
@@ -172,6 +176,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         learning=get("learning", "on") == "on",
         session_ttl_s=get("session_ttl", 7 * 24 * 3600),
         consolidate_every_turns=get("consolidate_every", 0),
+        learner_queue=get("learner_queue", 64),
         claim_idle_ms=get("claim_idle_ms", 60_000),
         shutdown_grace_s=get("shutdown_grace", 30.0),
     )
@@ -185,6 +190,8 @@ def validate_settings(settings: Settings) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if settings.max_batch < 1:
         raise ValueError("--max-batch must be at least 1")
+    if settings.learner_queue < 1:
+        raise ValueError("--learner-queue must be at least 1")
     if settings.max_loras < 1:
         raise ValueError("--max-loras must be at least 1")
     if settings.engine not in ("native", "vllm"):

@@ -4,8 +4,10 @@ Key layout (every key of a user carries the user in a hash tag, so one user's ke
 Redis Cluster slot and the Lua scripts of `store_scripts.py` can change them atomically):
 
     nsam:{u}:sessions                set of the user's session ids
-    nsam:{u}:session:<sid>           hash: meta, `state` (safetensors bytes), `transcript` (JSON);
-                                     expires after the session TTL
+    nsam:{u}:session:<sid>           hash: meta, `state` (safetensors bytes), `transcript` (JSON),
+                                     `learnt_turns` (chat turns the medium level has learnt: the
+                                     rest are the session's pending updates); expires after the
+                                     session TTL
     nsam:{u}:lease:<sid>             the turn lease: a random token, SET NX PX
     nsam:{u}:level                   hash: `version` of the user (slow) level, 0 = none yet
     nsam:{u}:level:versions          sorted set of the kept versions
@@ -43,6 +45,12 @@ log = logging.getLogger(__name__)
 STREAM = "nsam:consolidation"
 GROUP = "workers"
 OUTCOMES = "nsam:consolidation:outcomes"
+
+
+class LearntMoved(Conflict):
+    """The learner committed a medium update since the state was read: merge onto it, retry."""
+
+
 _SESSION_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._@-]{0,127}):([0-9a-f]{24})$")
 
 
@@ -86,6 +94,12 @@ class SessionRecord:
     consolidated_version: int
     transcript: list[dict[str, str]] = field(default_factory=list)
     state: bytes | None = None     # only when loaded with_state
+    learnt_turns: int | None = None  # chat turns in the state's medium level (None: stored before counting)
+
+    @property
+    def user_turns(self) -> int:
+        """Chat turns in the transcript (loaded with it): what the medium level should learn."""
+        return sum(m["role"] == "user" for m in self.transcript)
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,7 @@ class StateStore:
         self.session_ttl_ms = session_ttl_s * 1000
         self.versions_kept = versions_kept
         self._commit_turn = client.register_script(lua.COMMIT_TURN)
+        self._commit_learnt = client.register_script(lua.COMMIT_LEARNT)
         self._release = client.register_script(lua.RELEASE_LEASE)
         self._renew = client.register_script(lua.RENEW_LEASE)
         self._commit_level = client.register_script(lua.COMMIT_LEVEL)
@@ -211,7 +226,7 @@ class StateStore:
         now = _now_ms()
         fields = {"user": user, "version": 0, "user_version": user_version, "turns": 0,
                   "ended": 0, "created_ms": now, "updated_ms": now, "consolidated_version": 0,
-                  "state": state, "transcript": json.dumps(transcript)}
+                  "learnt_turns": 0, "state": state, "transcript": json.dumps(transcript)}
         pairs = [x for item in fields.items() for x in item]
         async with self._op("create_session"):
             await self._create(keys=[_session_key(user, sid), f"{_user_prefix(user)}:sessions"],
@@ -223,7 +238,7 @@ class StateStore:
                           with_transcript: bool = True) -> SessionRecord:
         user = split_session_id(session_id)
         names = ["user", "version", "user_version", "turns", "ended", "created_ms",
-                 "updated_ms", "consolidated_version", "transcript"]
+                 "updated_ms", "consolidated_version", "transcript", "learnt_turns"]
         key = _session_key(user, session_id)
         async with self._op("load_session"):
             values, size, state = await self._load(keys=[key],
@@ -250,17 +265,22 @@ class StateStore:
             state_bytes=int(f.get("state_bytes", len(state) if state is not None else 0)),
             consolidated_version=int(f.get("consolidated_version") or 0),
             transcript=json.loads(f["transcript"]),
-            state=state if with_state else None)
+            state=state if with_state else None,
+            learnt_turns=None if f.get("learnt_turns") is None else int(f["learnt_turns"]))
 
     async def commit_turn(self, session: SessionRecord, state: bytes | None,
-                          transcript: list[dict[str, str]]) -> int:
+                          transcript: list[dict[str, str]], learnt_turns: int | None = None) -> int:
         """Writes the turn's state (None: keep the stored one) and transcript if the session
-        is still at `session.version`; returns the new version, raises Conflict otherwise."""
+        is still at `session.version` (and, given `learnt_turns`, the learner has committed no
+        update since); returns the new version, raises Conflict (LearntMoved) otherwise."""
         async with self._op("commit_session"):
             new = await _to_the_end(self._commit_turn(
                 keys=[_session_key(session.user, session.session_id)],
                 args=[session.version, state or b"", json.dumps(transcript), session.turns + 1,
-                      _now_ms(), self.session_ttl_ms, "0" if state is None else "1"]))
+                      _now_ms(), self.session_ttl_ms, "0" if state is None else "1",
+                      "" if learnt_turns is None else learnt_turns]))
+        if new == -3:
+            raise LearntMoved("the learner committed an update during the turn")
         if new < 0:
             metrics.cas_conflicts_total.labels("session").inc()
             raise Conflict("session changed (or vanished) during the turn; this turn was not saved")
@@ -268,6 +288,25 @@ class StateStore:
             metrics.state_bytes.labels("session").observe(len(state))
         mark_committed(int(new))
         return int(new)
+
+    async def commit_learnt(self, session: SessionRecord, state: bytes, learnt_turns: int) -> None:
+        """Writes a medium update (merged onto the state of `session.version`) that learnt the
+        session's turns up to `learnt_turns`. Raises Conflict when a turn committed since
+        (merge onto it and retry), LearntMoved when another learner committed first, NotFound
+        when the session is gone."""
+        async with self._op("commit_learnt"):
+            new = await _to_the_end(self._commit_learnt(
+                keys=[_session_key(session.user, session.session_id)],
+                args=[session.version, "" if session.learnt_turns is None else session.learnt_turns,
+                      learnt_turns, state]))
+        if new == -2:
+            raise NotFound(f"session {session.session_id} not found (expired or forgotten)")
+        if new == -3:
+            raise LearntMoved("another learner committed these turns first")
+        if new < 0:
+            metrics.cas_conflicts_total.labels("learnt").inc()
+            raise Conflict("a turn committed during the update; merge onto it")
+        metrics.state_bytes.labels("session").observe(len(state))
 
     async def end_session(self, session_id: str) -> SessionRecord:
         user = split_session_id(session_id)

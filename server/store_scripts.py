@@ -6,17 +6,37 @@ they also run on a Redis Cluster.
 """
 
 # KEYS: session. ARGV: expected version, state, transcript, turns, now_ms, ttl_ms,
-# write-state flag ("0": keep the stored state, e.g. learning off).
+# write-state flag ("0": keep the stored state, e.g. learning off), expected learnt turns ("":
+# any; a session stored before they were counted takes this value). -3: the learner committed
+# since the state was read (merge onto its commit and retry).
 COMMIT_TURN = """
 local cur = redis.call('HGET', KEYS[1], 'version')
 if not cur then return -2 end
 if cur ~= ARGV[1] then return -1 end
+local learnt = redis.call('HGET', KEYS[1], 'learnt_turns')
+if ARGV[8] ~= '' then
+  if learnt and learnt ~= ARGV[8] then return -3 end
+  if not learnt then redis.call('HSET', KEYS[1], 'learnt_turns', ARGV[8]) end
+end
 local new = tonumber(cur) + 1
 redis.call('HSET', KEYS[1], 'version', new, 'transcript', ARGV[3],
            'turns', ARGV[4], 'updated_ms', ARGV[5])
 if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'state', ARGV[2]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return new
+"""
+
+# KEYS: session. ARGV: expected version, expected learnt turns ("" = not counted yet), learnt
+# turns after this update, state. The medium update of a session's turns, merged onto the state
+# of version ARGV[1]: -1 when a turn committed since (merge again), -3 when another learner
+# committed these turns first. The version is the turns' and stays.
+COMMIT_LEARNT = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+if not cur then return -2 end
+if (redis.call('HGET', KEYS[1], 'learnt_turns') or '') ~= ARGV[2] then return -3 end
+if cur ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'state', ARGV[4], 'learnt_turns', ARGV[3])
+return tonumber(cur)
 """
 
 # KEYS: lease. ARGV: token.

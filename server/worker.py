@@ -3,7 +3,8 @@
 Jobs arrive on a Redis Stream read by a consumer group, so any number of workers (the
 in-process one of a single-machine server, or `nsam consolidate` replicas) share them; a job
 a crashed worker left unacknowledged is reclaimed with XAUTOCLAIM after `claim_idle_ms`.
-A job runs `model.consolidate`, keeps the result only if the model's report accepts it
+A job waits for its session's pending medium updates (or learns them itself, in memory: every
+turn's notes reach the user level), runs `model.consolidate`, keeps the result only if the model's report accepts it
 (forgetting probe, drift) and commits it with compare-and-set on the user level version;
 then it is acknowledged. The model runs on the caller's ModelThread, never here.
 """
@@ -17,12 +18,14 @@ import gc
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Awaitable, Callable
 
 from nsam.model.errors import Interrupted
 from nsam.server import metrics
 from nsam.server.engine import LevelBook, ModelThread, observe_finite
 from nsam.server.errors import Conflict, NotFound, ServiceError, Unavailable
+from nsam.server.learner import turn_messages
 from nsam.server.store import Job, StateStore
 
 log = logging.getLogger(__name__)
@@ -55,11 +58,15 @@ class Consolidator:
     """Runs one consolidation (a session into its user level) end to end."""
 
     def __init__(self, store: StateStore, model_thread: ModelThread, levels: LevelBook,
-                 attempts: int = 3):
+                 attempts: int = 3, drain: Callable[[str], Awaitable[None]] | None = None):
+        """`drain(session_id)`: waits for the session's medium updates queued in this process
+        (`LearnerQueue.drain`); turns still unlearnt after it (a server stopped, a worker in a
+        process of its own) are learnt here, into the state consolidated (not committed)."""
         self.store = store
         self.thread = model_thread
         self.levels = levels
         self.attempts = attempts
+        self.drain = drain
 
     async def run(self, session_id: str) -> ConsolidationOutcome:
         start = time.perf_counter()
@@ -85,11 +92,19 @@ class Consolidator:
 
     async def _once(self, session_id: str) -> ConsolidationOutcome:
         model = self.thread.model
+        if self.drain is not None:
+            await self.drain(session_id)
         session = await self.store.get_session(session_id, with_state=True)
         if session.version == 0 or session.consolidated_version >= session.version:
             version = await self.store.user_level_version(session.user)
             return ConsolidationOutcome(session_id, "skipped", "nothing new since the last consolidation",
                                         version)
+        unlearnt = session.user_turns - (session.learnt_turns if session.learnt_turns is not None
+                                         else session.user_turns)
+        if unlearnt > 0 and session.state is not None:  # every turn's notes reach the user level
+            state, _ = await self.thread.call(model.update_medium, session.state,
+                                              turn_messages(session.transcript, session.user_turns), unlearnt)
+            session = replace(session, state=state)
         level = await self.store.get_user_level(session.user)
         user_state = level.state if level else await self.thread.call(model.new_user_state)
         expected = level.version if level else 0

@@ -45,11 +45,12 @@ def run_cli(monkeypatch, argv):
 
 
 def test_server_args_parse(render, monkeypatch, tmp_path):
-    docs = render({"model": {"dtype": "bfloat16", "maxBatch": 16, "consolidateEveryTurns": 4}})
+    docs = render({"model": {"dtype": "bfloat16", "maxBatch": 16, "consolidateEveryTurns": 4, "learnerQueue": 9}})
     s = run_cli(monkeypatch, container_argv(docs, "-server", tmp_path))
     assert (s.host, s.port, s.metrics_port) == ("0.0.0.0", 50051, 9464)
     assert (s.model, s.dtype, s.max_batch) == ("default", "bfloat16", 16)
     assert s.consolidation == "external" and s.learning and s.consolidate_every_turns == 4
+    assert s.learner_queue == 9
     assert s.redis_url == "redis://:pw@demo-nsam-redis:6379/0"
     assert s.api_keys_file is not None and s.api_keys_file.name == "api-keys"
     assert str(s.data_dir) == "/data"

@@ -193,7 +193,10 @@ async def test_learning_never_stalls_decoding(server, client):
     stream = client.chat(s.session_id, "hi", Sampling(max_tokens=8))
     assert isinstance(await stream.__anext__(), Token)
     assert time.perf_counter() - started < 1.5  # the first token did not wait for the stall
-    done = [item async for item in stream][-1]  # the turn itself waits for its medium update
-    assert time.perf_counter() - started >= 2.5 and done.learned
+    done = [item async for item in stream][-1]  # nor did the turn: its medium update is queued
+    assert time.perf_counter() - started < 2.5 and done.learned and done.learnt_turns == 0
+    assert (await client.get_session(s.session_id)).learnt_turns == 0
     await asyncio.gather(*stalls)
+    await server.engine.learner_queue.drain(s.session_id)
+    assert (await client.get_session(s.session_id)).learnt_turns == 1
 
