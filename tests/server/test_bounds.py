@@ -25,12 +25,13 @@ async def stubs(server):
 
 
 @pytest.fixture
-async def session_id(stubs):
+async def session_id(server, stubs):
     chat, _, _ = stubs
     s = await chat.CreateSession(pb.CreateSessionRequest(user="alice"))
     async for _ in chat.Chat(pb.ChatRequest(session_id=s.session_id, message="hi",
                                             sampling=pb.SamplingParams(max_tokens=2))):
         pass
+    await server.engine.learner_queue.drain(s.session_id)  # the turn's medium update has committed
     return s.session_id
 
 

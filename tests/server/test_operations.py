@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import generate_latest
 
 from nsam.client import AsyncClient, NsamError, Sampling, TurnResult
+from nsam.model.state import MemoryState
 from nsam.server import metrics
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -180,32 +181,49 @@ async def test_health_follows_the_state_store(start_server, settings, own_redis,
         again.wait()
 
 
-async def _slow_learning(server, seconds: float) -> None:
-    """Makes every medium update of `server` take `seconds` longer (a real model's on a CPU)."""
-    learn = server.engine._learn
+def _slow_commits(server, seconds: float) -> None:
+    """Makes every turn's commit of `server` start `seconds` later (a turn still in flight)."""
+    commit = server.engine._commit_turn
 
     async def slow(*args, **kwargs):
         await asyncio.sleep(seconds)
-        return await learn(*args, **kwargs)
-    server.engine._learn = slow
+        return await commit(*args, **kwargs)
+    server.engine._commit_turn = slow
 
 
-async def test_sigterm_during_learning_commits_within_the_grace(start_server, settings):
+async def test_sigterm_with_an_update_pending_keeps_the_turn_and_learns_it_after_a_restart(
+        start_server, settings):
+    """A turn commits before its medium update; a stop while the update is queued loses
+    neither: the session records the turn as unlearnt, and the next server learns it."""
     server = await start_server(settings)
-    await _slow_learning(server, 1.0)
+    update = server.engine.learner_queue.thread.model.update_medium
+
+    def slow(*args):
+        time.sleep(1.0)  # a real model's update on a CPU takes tens of seconds
+        return update(*args)
     async with AsyncClient(f"127.0.0.1:{server.port}") as c:
         s = await c.create_session("alice")
-        turn = asyncio.create_task(c.send(s.session_id, "My cousin is Bartholomew.", Sampling(max_tokens=4)))
-        await asyncio.sleep(0.5)  # decoded, learning
+        await c.send(s.session_id, "My cousin is Bartholomew.", Sampling(max_tokens=4))  # learnt
+        await server.engine.learner_queue.drain(s.session_id)
+        server.engine.learner_queue.thread.model.update_medium = slow
+        result = await c.send(s.session_id, "My dog is Rex.", Sampling(max_tokens=4))
+        await asyncio.sleep(0.3)  # its update is running
         await server.stop(grace=10)
-        result = await turn
-    assert result.session_version == 1
-    assert (await server.store.get_session(s.session_id)).version == 1
+    assert (result.session_version, result.learnt_turns) == (2, 1)
+    again = await start_server(settings)
+    stored = await again.store.get_session(s.session_id)
+    assert (stored.version, stored.turns, stored.learnt_turns) == (2, 2, 1)  # pending, not dropped
+    await again.engine.learner_queue.drain(s.session_id)
+    stored = await again.store.get_session(s.session_id, with_state=True)
+    assert (stored.version, stored.learnt_turns) == (2, 2)
+    notes = await again.engine.thread.call(lambda: MemoryState.from_bytes(
+        stored.state, again.engine.model.fingerprint, again.engine.model.levels, "session").notes)
+    assert {n.value for n in notes} >= {"Bartholomew", "Rex"}
 
 
 async def test_sigterm_past_the_grace_tells_the_client_its_turn_was_not_saved(start_server, settings):
     server = await start_server(settings)
-    await _slow_learning(server, 5.0)
+    _slow_commits(server, 5.0)
     async with AsyncClient(f"127.0.0.1:{server.port}") as c:
         s = await c.create_session("alice")
         tokens, error = [], None
