@@ -8,6 +8,7 @@ respect to their inputs). Not thread-safe: one owner thread at a time.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from .backbone import Transformer
 from .learning.consolidation import ConsolidationConfig, ConsolidationReport, consolidate
 from .learning.notes import Note
 from .learning.rehearsal import RehearsalConfig
+from .learning.study import clauses, study
 from .learning.turn import TurnConfig, learn_turn
 from .generation import Generator
 from .generation import TokenEvent
@@ -35,6 +37,10 @@ __all__ = ["NsamModel", "SessionBatch", "SamplingParams", "TokenEvent", "LevelRe
            "ConsolidationReport", "StateError", "DocumentChunk", "DOCUMENT_CHUNK_TOKENS"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Statements one study notes at most (`study`'s max_clauses): a coalesced update packs its turns'
+# messages into texts of at most this many, so none goes unnoted.
+_STUDY_CLAUSES: int = inspect.signature(study).parameters["max_clauses"].default
 
 # A document is read in chunks of this many tokens, attention seeing one chunk at a time: the
 # chunk the online evaluation measures (benchmarks/README.md).
@@ -194,10 +200,13 @@ class NsamModel:
     def update_medium(self, session_state: bytes, messages: list[dict[str, str]], turns: int = 1
                       ) -> tuple[bytes, list[LevelReport]]:
         """After a reply; `messages` is the session so far, ending with the user's message and the
-        reply. The user's last `turns` messages are studied into notes and rehearsed with the
-        session's earlier ones; a message that says nothing to note is learnt as text
-        (`learning.turn`). Several turns (a coalesced update, when the learner falls behind) are
-        one update over their messages joined by newlines: the cost of one turn's."""
+        reply. The user's message is studied into notes and rehearsed with the session's earlier
+        ones; a message that says nothing to note is learnt as text (`learning.turn`).
+
+        `turns` > 1 (a coalesced update, when the learner fell behind) learns the last `turns`
+        user messages at the cost of as few turns as the study allows: their statements joined
+        by newlines into texts of up to `_STUDY_CLAUSES` clauses (what one study notes), and the
+        messages that state nothing joined into one text learnt as text."""
         state = self._read(session_state, "session")
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users:
@@ -206,10 +215,14 @@ class NsamModel:
             raise ValueError(f"turns must be at least 1, got {turns}")
         spec = self.levels.get("medium")
         parents = [state.levels["user"]] if "user" in state.levels else []
-        update = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], parents,
-                            "\n".join(users[-turns:]), state.notes, self.anchor_ids, len(users), self.turn)
-        state = replace(state.with_level("medium", update.state), notes=(*state.notes, *update.notes))
-        return self._write(state), [_with_drift(update.report, update.state)]
+        texts = users[-1:] if turns == 1 else _study_packs(users[-turns:], _STUDY_CLAUSES)
+        reports = []
+        for i, text in enumerate(texts):
+            update = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], parents, text,
+                                state.notes, self.anchor_ids, len(users) - len(texts) + i + 1, self.turn)
+            state = replace(state.with_level("medium", update.state), notes=(*state.notes, *update.notes))
+            reports.append(_with_drift(update.report, update.state))
+        return self._write(state), reports
 
     def merge_medium(self, latest: bytes, updated: bytes) -> bytes:
         """`latest` with what a medium update owns taken from `updated`: the medium level and the
@@ -302,6 +315,25 @@ class SessionBatch:
             state = state.with_level("fast", kept)
             reports.append(report)
         return self.owner._write(state), reports
+
+
+def _study_packs(messages: list[str], clauses_per_text: int) -> list[str]:
+    """Messages as few texts to learn: the ones that state nothing first, joined (learnt as
+    text), then the others in order, joined up to `clauses_per_text` statements a text."""
+    plain, packs, current, counted = [], [], [], 0
+    for text in messages:
+        n = len(clauses(text))
+        if n == 0:
+            plain.append(text)
+            continue
+        if current and counted + n > clauses_per_text:
+            packs.append("\n".join(current))
+            current, counted = [], 0
+        current.append(text)
+        counted += n
+    if current:
+        packs.append("\n".join(current))
+    return (["\n".join(plain)] if plain else []) + packs
 
 
 def _with_drift(report: LevelReport, medium) -> LevelReport:

@@ -81,10 +81,16 @@ def _notes(model, data: bytes) -> list[str]:
 
 
 def test_a_coalesced_update_studies_every_turn_it_covers(tiny):
-    messages = _chat("my cat is Tom", "my dog is Rex", "my fish is Bob")
+    said = ["My cat is Tom.", "My dog is Rex.", "ok thanks", "My fish is Bob.", "My bird is Kiwi.",
+            "My boat is Zephyr.", "My town is Brisk."]
+    messages = _chat(*said)
     fresh = tiny.new_session_state(None)
-    assert _notes(tiny, tiny.update_medium(fresh, messages)[0]) == ["Bob"]
-    assert _notes(tiny, tiny.update_medium(fresh, messages, 2)[0]) == ["Rex", "Bob"]
+    assert _notes(tiny, tiny.update_medium(fresh, messages)[0]) == ["Brisk"]
+    assert _notes(tiny, tiny.update_medium(fresh, messages, 2)[0]) == ["Zephyr", "Brisk"]
+    # six statements, more than one study notes: two texts of statements, one of the plain message
+    state, reports = tiny.update_medium(fresh, messages, len(said))
+    assert _notes(tiny, state) == ["Tom", "Rex", "Bob", "Kiwi", "Zephyr", "Brisk"]
+    assert len(reports) == 3
     with pytest.raises(ValueError, match="turns"):
         tiny.update_medium(fresh, messages, 0)
 
