@@ -185,23 +185,31 @@ async def test_turn_and_learner_commits_merge_instead_of_overwriting(server, gat
     assert gate.calls == [1, 1, 1]
 
 
-async def test_consolidation_sees_the_pending_turns(server, gates):
-    """Ending a session with updates pending: the consolidation waits for them, so the user
-    level is taught every turn."""
+@pytest.mark.parametrize("waits", [True, False], ids=["waits-for-the-learner", "learns-them-itself"])
+async def test_consolidation_sees_the_pending_turns(server, gates, waits):
+    """Consolidating a session with updates pending: the in-process consolidation waits for
+    them; one that cannot (a worker process of its own) learns them into the state it consolidates.
+    Either way the user level is taught every turn."""
     gate = gates(server)
+    if not waits:
+        server.engine.consolidator.drain = None
     async with AsyncClient(f"127.0.0.1:{server.port}") as c:
         s = await c.create_session("alice")
         await c.send(s.session_id, SAID[0], QUICK)
-        await gate.wait_entered()
+        gate.let_one()
+        await server.engine.learner_queue.drain(s.session_id)  # the session has notes: turn 1's
         await c.send(s.session_id, SAID[1], QUICK)
+        await gate.wait_entered()
+        await gate.wait_entered()  # update 2 is held
         ended, _ = await c.end_session(s.session_id, consolidate=False)
-        assert ended.learnt_turns == 0
-        gate.open()
+        assert ended.learnt_turns == 1
+        if waits:
+            gate.open()
         outcome = (await c.consolidate_now("alice", s.session_id))[0]
-        assert (await c.get_session(s.session_id)).learnt_turns == 2
-    assert outcome.outcome in ("accepted", "rejected")
-    if outcome.outcome == "accepted":
-        assert {"Tom", "Rex"} <= {f.value for f in (await server.engine.memory("alice")).notes}
+        assert (await c.get_session(s.session_id)).learnt_turns == (2 if waits else 1)
+        gate.open()
+    assert outcome.outcome == "accepted", outcome
+    assert {"Tom", "Rex"} <= {f.value for f in (await server.engine.memory("alice")).notes}
 
 
 async def test_turn_messages_cut_after_the_nth_reply():
