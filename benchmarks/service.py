@@ -6,7 +6,9 @@ learning on and off in the same run.
 
 Per mode it reports turns/s, time to first token and inter-token latency (p50, p99, measured
 by the client), the state store's load + commit latency per turn (p99, measured around the
-server's store calls) and the state bytes per session; `ttft_ratio_learning` is the TTFT p50
+server's store calls) and the state bytes per session; with learning on, also how long the
+medium updates still queued after the last turn took to commit (`learner_drain_s`: turns return
+before their update) and the turns learnt; `ttft_ratio_learning` is the TTFT p50
 with learning on divided by the one with learning off (goal: <= 1.1). Sessions are not ended
 during the measurement, so consolidation does not run in it (it is a background job; see
 `benchmarks/learning.py` for its cost and effect).
@@ -75,9 +77,9 @@ class ServerThread:
                 if kw.get("with_state"):
                     loads[session_id] = time.perf_counter() - start
 
-        async def timed_commit(session, state, transcript):
+        async def timed_commit(session, state, transcript, learnt_turns=None):
             start = time.perf_counter()
-            version = await commit_turn(session, state, transcript)
+            version = await commit_turn(session, state, transcript, learnt_turns)
             self.store_seconds.append(loads.pop(session.session_id, 0.0) + time.perf_counter() - start)
             return version
 
@@ -88,6 +90,20 @@ class ServerThread:
             return [(await self.server.store.get_session(s, with_transcript=False)).state_bytes
                     for s in session_ids]
         return self._run(sizes())
+
+    def drain(self, session_ids: list[str]) -> tuple[float, int]:
+        """Seconds until the medium updates still queued after the last turn have committed,
+        and the turns then learnt."""
+        async def wait():
+            start = time.perf_counter()
+            queue = self.server.engine.learner_queue
+            if queue is not None:
+                for s in session_ids:
+                    await queue.drain(s)
+            learnt = [(await self.server.store.get_session(s, with_transcript=False)).learnt_turns or 0
+                      for s in session_ids]
+            return time.perf_counter() - start, sum(learnt)
+        return self._run(wait())
 
     def stop(self) -> None:
         self._run(self.server.stop(5))
@@ -142,7 +158,9 @@ def run_pass(model, base: Settings, learning: bool, args: argparse.Namespace) ->
     try:
         deadline = time.monotonic() + args.max_seconds
         raw = asyncio.run(run_mode(f"127.0.0.1:{server.server.port}", args, deadline))
-        raw["state_bytes"] = server.state_bytes(raw.pop("session_ids"))
+        sessions = raw.pop("session_ids")
+        raw["drain_s"], raw["learnt_turns"] = server.drain(sessions) if learning else (0.0, 0)
+        raw["state_bytes"] = server.state_bytes(sessions)
         raw["store"] = server.store_seconds
     finally:
         server.stop()
@@ -158,7 +176,10 @@ def summarise(passes: list[dict]) -> dict:
             "inter_token_p50_s": percentile(itl, 0.5), "inter_token_p99_s": percentile(itl, 0.99),
             "store_load_commit_p50_s": percentile(store, 0.5),
             "store_load_commit_p99_s": percentile(store, 0.99),
-            "state_bytes_per_session": statistics.mean(sizes) if sizes else 0}
+            "state_bytes_per_session": statistics.mean(sizes) if sizes else 0,
+            # learning on: after the last turn, until every queued medium update committed
+            "learner_drain_s": statistics.mean(p["drain_s"] for p in passes),
+            "learnt_turns": sum(p["learnt_turns"] for p in passes)}
 
 
 def main(argv: list[str] | None = None) -> int:

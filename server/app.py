@@ -81,8 +81,10 @@ class NsamServer:
                 # one load at a time: loading seeds torch's global generator
                 m = model if name == "nsam-decode" and model is not None \
                     else await asyncio.to_thread(load_model, settings)
+                # decoding keeps priority over the background learning on shared cores
                 threads.append(ModelThread(m, settings.max_batch, learning=settings.learning,
-                                           generate=name == "nsam-decode", name=name))
+                                           generate=name == "nsam-decode", name=name,
+                                           niceness=0 if name == "nsam-decode" else 10))
         except BaseException:
             for t in threads:
                 t.stop()

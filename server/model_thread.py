@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -67,8 +68,11 @@ class ModelThread:
     """One thread owning the model: continuous-batch decoding plus queued model calls."""
 
     def __init__(self, model: ServingModel, max_batch: int = 1, *, learning: bool = True,
-                 generate: bool = True, name: str = "nsam-model"):
+                 generate: bool = True, name: str = "nsam-model", niceness: int = 0):
+        """`niceness`: how much lower than the process the OS schedules this thread (Linux
+        schedules threads, not processes): background learning yields the cores to decoding."""
         self.model = model
+        self.niceness = niceness
         self.max_batch = max_batch
         self.learning = learning
         self._generator: DecodeBatch | None = model.generator(max_batch, learning=learning) if generate else None
@@ -130,6 +134,13 @@ class ModelThread:
     # ---- model thread side
 
     def _run(self) -> None:
+        if self.niceness:
+            try:  # per thread on Linux; elsewhere it may renice the process, so only there
+                if os.uname().sysname == "Linux":
+                    tid = threading.get_native_id()
+                    os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.niceness)
+            except OSError:
+                log.warning("could not lower the priority of thread %s", self._thread.name)
         while True:
             busy = bool(self._active or self._pending or self._calls)
             try:

@@ -1,6 +1,8 @@
 """Chat over real gRPC on loopback: streaming, resume, batching, one turn at a time."""
 
 import asyncio
+import os
+import sys
 
 import grpc
 import pytest
@@ -186,6 +188,9 @@ async def test_learning_never_stalls_decoding(server, client):
     import time
     decode, learn, consolidate = server.threads
     assert decode.model is not learn.model is not consolidate.model
+    if sys.platform == "linux":  # the OS schedules the learning threads below decoding
+        nice = [os.getpriority(os.PRIO_PROCESS, t._thread.native_id) for t in server.threads]
+        assert nice[1] > nice[0] and nice[2] > nice[0]
     stalls = [asyncio.ensure_future(t.call(time.sleep, 3.0)) for t in (learn, consolidate)]
     await asyncio.sleep(0.1)
     s = await client.create_session("bob")
@@ -194,7 +199,7 @@ async def test_learning_never_stalls_decoding(server, client):
     assert isinstance(await stream.__anext__(), Token)
     assert time.perf_counter() - started < 1.5  # the first token did not wait for the stall
     done = [item async for item in stream][-1]  # nor did the turn: its medium update is queued
-    assert time.perf_counter() - started < 2.5 and done.learned and done.learnt_turns == 0
+    assert not stalls[0].done() and done.learned and done.learnt_turns == 0  # the learner is still held
     assert (await client.get_session(s.session_id)).learnt_turns == 0
     await asyncio.gather(*stalls)
     await server.engine.learner_queue.drain(s.session_id)
