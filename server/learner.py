@@ -73,11 +73,14 @@ class LearnerQueue:
         self._jobs: dict[str, list[_Job]] = {}  # a session's jobs not finished
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopped = False
 
     # ---- called by the engine
 
     def enqueue(self, session_id: str, upto: int) -> None:
         """Queues the medium update of the session's turns up to `upto` (just committed)."""
+        if self._stopped:  # shutting down: the turn stays unlearnt in its record
+            return
         now = time.perf_counter()
         metrics.learner_pending_turns.inc()
         job = self._waiting.get(session_id)
@@ -114,6 +117,7 @@ class LearnerQueue:
     async def stop(self) -> None:
         """Stops taking jobs: the one running ends at its next await; the turns of the queued
         ones stay unlearnt in their session records, learnt by the session's next job."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
