@@ -133,6 +133,19 @@ ROWS: tuple[Row, ...] = (
         Panel("Surprise (heatmap)", heatmap("nsam_level_surprise", sel=L), kind="heatmap"),
         Panel("Update norm (heatmap)", heatmap("nsam_level_update_norm", sel=L), kind="heatmap"),
     )),
+    Row("Learner (medium updates after turns)", (
+        Panel("Learner queue", (
+            Target(f"sum(nsam_learner_queue_depth{{{NS}}})", "updates waiting"),
+            Target(f"sum(nsam_learner_pending_turns{{{NS}}})", "turns not learnt yet"),
+        ), description="A turn returns before its medium update; these wait for the learner thread. "
+                       "Past --learner-queue a session's turns join its waiting update."),
+        Panel("Coalesced turns", (
+            Target(f"sum(rate(nsam_learner_coalesced_turns_total{{{NS}}}[{RATE}])) or vector(0)", "coalesced"),),
+              unit="ops", zero_when_healthy=True,
+              description="Turns folded into another turn's update because the learner queue was full."),
+        Panel("Learning lag (turn to its update)", quantiles("nsam_learner_lag_seconds", legend="lag"), unit="s",
+              description="From a turn's commit to the commit of the medium update that learnt it."),
+    )),
     Row("State store", (
         Panel("Store latency", quantiles("nsam_store_operation_duration_seconds", by="operation", qs=(0.99,)),
               unit="s", description="p99 latency of state-store operations. `queue` includes the workers' "

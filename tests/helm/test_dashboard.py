@@ -41,7 +41,8 @@ def test_dashboard_structure():
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Serving", "Memory health (per level)", "State store", "Consolidation"]
+    assert rows == ["Serving", "Memory health (per level)", "Learner (medium updates after turns)", "State store",
+                    "Consolidation"]
     for p in panels():
         assert p["type"] in {"timeseries", "heatmap", "stat"}
         assert p["datasource"]["uid"] == "${datasource}"
@@ -58,5 +59,5 @@ def test_dashboard_structure():
                    "Surprise (inner loss)", "Update norm", "State norm", "Drift from parent level",
                    "Rejected updates", "Forgetting probe loss vs baseline", "Store latency",
                    "Committed state size", "CAS conflicts", "Store errors", "Queue depth",
-                   "Lag (enqueue to start)", "Job outcomes", "Job duration"):
+                   "Lag (enqueue to start)", "Job outcomes", "Job duration", "Learner queue", "Coalesced turns"):
         assert needed in titles
