@@ -137,7 +137,7 @@ ROWS: tuple[Row, ...] = (
         Panel("Learner queue", (
             Target(f"sum(nsam_learner_queue_depth{{{NS}}})", "updates waiting"),
             Target(f"sum(nsam_learner_pending_turns{{{NS}}})", "turns not learnt yet"),
-        ), description="A turn returns before its medium update; these wait for the learner thread. "
+        ), zero_when_healthy=True, description="A turn returns before its medium update; these wait for the learner thread. "
                        "Past --learner-queue a session's turns join its waiting update."),
         Panel("Coalesced turns", (
             Target(f"sum(rate(nsam_learner_coalesced_turns_total{{{NS}}}[{RATE}])) or vector(0)", "coalesced"),),
