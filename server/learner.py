@@ -124,6 +124,7 @@ class LearnerQueue:
                 await self._task
         for jobs in self._jobs.values():
             for job in jobs:
+                metrics.learner_pending_turns.dec(len(job.turns_at))
                 if not job.done.done():
                     job.done.set_result(False)
         self._queue.clear()
