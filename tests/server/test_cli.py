@@ -34,6 +34,10 @@ def test_settings_from_flags_and_env(tmp_path):
         settings_from_args(Namespace(tls_cert=keys), env)
     with pytest.raises(ValueError, match="does not exist"):
         settings_from_args(Namespace(api_keys_file=tmp_path / "missing"), {})
+    assert settings_from_args(Namespace(), env).learner_queue == 64
+    assert settings_from_args(Namespace(learner_queue=3), env).learner_queue == 3
+    with pytest.raises(ValueError, match="--learner-queue"):
+        settings_from_args(Namespace(learner_queue=0), env)
     with pytest.raises(Exception):
         Settings().port = 1  # frozen
 
