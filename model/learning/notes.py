@@ -12,12 +12,24 @@ import re
 from dataclasses import dataclass
 
 
+ACKNOWLEDGEMENT = "Thank you for telling me."
+
+
 @dataclass(frozen=True)
 class Note:
     said: str  # the user's clause ("I drive a green Volvo nicknamed Pickle")
     questions: tuple[str, ...]  # questions it answers, model-written and grammatical echoes
     answer: str  # the clause in the assistant's words ("You drive a green Volvo nicknamed Pickle.")
     value: str  # the part the questions ask for ("Pickle")
+    replies: tuple[str, ...] = ()  # per question, the model's own answer with the clause in view ("": none)
+
+    def reply(self, i: int) -> str:
+        """The answer to question `i`: the model's own words where they say the value, else `answer`."""
+        return self.replies[i] if i < len(self.replies) and self.replies[i] else self.answer
+
+    def told(self) -> list[dict[str, str]]:
+        """The clause in a conversation: the user saying it, the assistant taking note."""
+        return [{"role": "user", "content": self.said + "."}, {"role": "assistant", "content": ACKNOWLEDGEMENT}]
 
     @property
     def frame(self) -> str:
@@ -26,11 +38,14 @@ class Note:
 
 
 def notes_to_json(notes: tuple[Note, ...]) -> str:
-    return json.dumps([[n.said, list(n.questions), n.answer, n.value] for n in notes])
+    return json.dumps([[n.said, list(n.questions), n.answer, n.value, *([list(n.replies)] if n.replies else [])]
+                       for n in notes])
 
 
 def notes_from_json(text: str) -> tuple[Note, ...]:
-    return tuple(Note(said, tuple(questions), answer, value) for said, questions, answer, value in json.loads(text))
+    """Notes written with or without their replies (a fifth, optional element)."""
+    return tuple(Note(said, tuple(questions), answer, value, tuple(rest[0]) if rest else ())
+                 for said, questions, answer, value, *rest in json.loads(text))
 
 
 def notes_from_facts_json(text: str) -> tuple[Note, ...]:

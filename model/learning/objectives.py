@@ -24,9 +24,6 @@ from ..sampling import SamplingParams
 from ..updates import TrainingExample, batch_examples, lora_logits, token_losses
 from .notes import Note
 
-ACKNOWLEDGEMENT = "Thank you for telling me."
-
-
 @functools.cache
 def everyday_questions() -> tuple[str, ...]:
     text = resources.files("nsam.model").joinpath("presets/everyday_questions.txt").read_text(encoding="utf-8")
@@ -53,11 +50,6 @@ def answer_example(tokenizer, context: Sequence[dict[str, str]], question: str, 
         return example
     skip = len(tokenizer.encode_chat(list(context), add_generation_prompt=False))
     return TrainingExample(example.ids, [0.0] * skip + list(example.weights[skip:]))
-
-
-def told(note: Note) -> list[dict[str, str]]:
-    """The teacher's context: the user saying the clause, the assistant taking note."""
-    return [{"role": "user", "content": note.said + "."}, {"role": "assistant", "content": ACKNOWLEDGEMENT}]
 
 
 @dataclass(frozen=True)
@@ -112,13 +104,13 @@ def parent_logits(model: Transformer, spec: LevelSpec, parents: Sequence[LoraSta
     return lora_logits(model, spec, list(parents), zero_a, zero_b, ids)
 
 
-def distill_notes(model: Transformer, tokenizer, notes: Sequence[tuple[Note, str]]) -> Distillation | None:
-    """(note, question) pairs as context distillation: the student sees the question alone, the
-    teacher (the frozen model) the clause first; both read the note's answer."""
+def distill_notes(model: Transformer, tokenizer, notes: Sequence[tuple[Note, str, str]]) -> Distillation | None:
+    """(note, question, answer) as context distillation: the student sees the question alone, the
+    teacher (the frozen model) the clause first; both read the answer."""
     if not notes:
         return None
-    students = [answer_example(tokenizer, (), q, n.answer) for n, q in notes]
-    teachers = [answer_example(tokenizer, told(n), q, n.answer) for n, q in notes]
+    students = [answer_example(tokenizer, (), q, a) for _, q, a in notes]
+    teachers = [answer_example(tokenizer, n.told(), q, a) for n, q, a in notes]
     student, teacher = selected(students), selected(teachers)
     if student.targets.shape != teacher.targets.shape or not torch.equal(student.targets, teacher.targets):
         raise ValueError("teacher and student answers are not the same tokens")

@@ -44,10 +44,11 @@ class RehearsalResult:
     notes_loss: float  # after the last step
 
 
-def rounds(notes: Sequence[Note]) -> list[list[tuple[Note, str]]]:
-    """One question form of every note per round, cycling through each note's forms."""
+def rounds(notes: Sequence[Note]) -> list[list[tuple[Note, str, str]]]:
+    """One question form of every note (with its answer) per round, cycling through each note's forms."""
     forms = max((len(n.questions) for n in notes), default=0)
-    return [[(n, n.questions[r % len(n.questions)]) for n in notes] for r in range(forms)]
+    return [[(n, n.questions[r % len(n.questions)], n.reply(r % len(n.questions))) for n in notes]
+            for r in range(forms)]
 
 
 def rehearse(model: Transformer, tokenizer, spec: LevelSpec, state: LoraState, parents: Sequence[LoraState],

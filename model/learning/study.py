@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ..backbone import Transformer
 from ..generation import Generator
@@ -115,7 +116,38 @@ def second_person(clause: str) -> str:
 
 
 def _match_case(original: str, new: str) -> str:
-    return new.capitalize() if original[0].isupper() and (original.lower() != "i" or True) else new
+    pronoun_i = original.lower().split("'")[0] == "i"  # "I" is upper-case anywhere in a sentence
+    return new.capitalize() if original[0].isupper() and not pronoun_i else new
+
+
+def focus(clause: str, value: str) -> str:
+    """The clause from the comma-separated part that holds the value: leading asides ("Also,",
+    "tired,") are not what a later question asks about."""
+    parts = clause.split(", ")
+    for i, part in enumerate(parts):
+        if value in part:
+            kept = ", ".join(parts[i:])
+            return kept if len(kept.split()) >= 3 else clause
+    return clause
+
+
+_TOPIC = re.compile(r"\b(?:my|our)\s+((?:[\w'-]+\s+){0,2}[\w'-]+)", re.IGNORECASE)
+
+
+def topic_questions(clause: str, value: str) -> list[str]:
+    """Questions about what the clause's possessive names ("my piano teacher"), in two general
+    frames: the level learns the topic, not one wording, as what brings the value back."""
+    out = []
+    for m in _TOPIC.finditer(clause):
+        words = []
+        for w in m.group(1).split():
+            if w.lower() in _FUNCTION or value in w or w in value:
+                break
+            words.append(w)
+        if words:
+            topic = f"{m.group(0).split()[0].lower()} {' '.join(words)}"
+            out += [f"What do you remember about {topic}?", f"Tell me about {topic}."]
+    return out[:2]
 
 
 def echo_question(clause: str, value: str) -> str:
@@ -185,10 +217,40 @@ def study(model: Transformer, tokenizer, message: str, samples: int = 2, seed: i
     written = generate(model, tokenizer, prompts, params)
     notes = []
     for i, (clause, value) in enumerate(targets):
-        questions = [echo_question(clause, value)]
+        said = focus(clause, value)
+        questions = [echo_question(said, value), *topic_questions(said, value)]
         for ids in written[i * samples:(i + 1) * samples]:
             q = tokenizer.decode(ids).strip().split("\n")[0].strip()
-            if good_question(q, clause, value) and q not in questions:
+            if good_question(q, said, value) and q not in questions:
                 questions.append(q)
-        notes.append(Note(clause, tuple(questions), second_person(clause), value))
-    return notes
+        notes.append(Note(said, tuple(questions), second_person(said), value))
+    return with_replies(model, tokenizer, notes)
+
+
+def with_replies(model: Transformer, tokenizer, notes: list[Note], tokens: int = 32) -> list[Note]:
+    """Each question answered by the model with the clause in view (greedy): where its answer says
+    the value, those are the words the level learns for that question, so it learns to answer
+    as the model itself would with the user's words in context."""
+    asked = [(n, q) for n in notes for q in n.questions]
+    stop = tuple(tokenizer.eos_token_ids)
+    prompts = [tokenizer.encode_chat([*n.told(), {"role": "user", "content": q}]) for n, q in asked]
+    answers = iter(generate(model, tokenizer, prompts, [SamplingParams(max_tokens=tokens, stop_token_ids=stop)] * len(prompts)))
+    return [replace(n, replies=tuple(faithful(saying(tokenizer.decode(next(answers)), n.value), n.said, q)
+                                     for q in n.questions)) for n in notes]
+
+
+def saying(reply: str, value: str) -> str:
+    """The reply up to the end of the sentence that says `value`; "" if it never does."""
+    for sentence, end in _sentences(reply.strip()):
+        if value.lower() in sentence.lower():
+            upto = reply[:reply.index(sentence) + len(sentence)].strip()
+            return upto + (end.strip() or ".") if len(upto.split()) <= 40 else ""
+    return ""
+
+
+def faithful(reply: str, clause: str, question: str) -> str:
+    """`reply` if it adds nothing to what the user said and asked and speaks to the user, not as
+    the user ("my cat" in the assistant's mouth is a confusion); "" otherwise."""
+    said = content_words(clause) | content_words(question)
+    added = {w for w in content_words(reply) - said if w not in _SECOND_PERSON.values()}
+    return reply if reply and not added and not FIRST_PERSON.search(reply) else ""

@@ -9,8 +9,17 @@ def note(said: str, value: str) -> Note:
 
 
 def test_notes_round_trip_through_json():
-    notes = (note("My locker code is 7302", "7302"), note("My cat is called Tom", "Tom"))
+    with_replies = Note("My cat is called Tom", ("What is my cat called?", "Tell me about my cat."),
+                        "Your cat is called Tom.", "Tom", ("Your cat's name is Tom.", ""))
+    notes = (note("My locker code is 7302", "7302"), with_replies)
     assert notes_from_json(notes_to_json(notes)) == notes
+
+
+def test_each_question_is_answered_in_the_models_words_where_it_had_them():
+    n = Note("My cat is called Tom", ("What is my cat called?", "Tell me about my cat."),
+             "Your cat is called Tom.", "Tom", ("Your cat's name is Tom.", ""))
+    assert [n.reply(0), n.reply(1)] == ["Your cat's name is Tom.", "Your cat is called Tom."]
+    assert note("My cat is called Tom", "Tom").reply(0) == "Your cat is called Tom."
 
 
 def test_facts_kept_before_self_study_are_read_as_notes():
