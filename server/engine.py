@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, AsyncGenerator, AsyncIterator
 from nsam.model.errors import StateError
 from nsam.server import metrics
 from nsam.server.bounds import check_sampling
-from nsam.server.errors import Conflict, FailedPrecondition, InvalidArgument, Unavailable
+from nsam.server.errors import Conflict, FailedPrecondition, InvalidArgument, LearntMoved, Unavailable
 from nsam.server.learner import LearnerQueue
 from nsam.server.level_book import LevelBook, LevelHealth, observe_finite
 from nsam.server.model_thread import ModelThread, TurnEnd, unreadable_session
 from nsam.server.settings import Limits, Settings
-from nsam.server.store import LearntMoved, LevelVersion, QueueStats, SessionRecord, StateStore
+from nsam.server.store import LevelVersion, QueueStats, SessionRecord, StateStore
 
 if TYPE_CHECKING:
     from nsam.model.runtime import Note, SamplingParams, TokenEvent

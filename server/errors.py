@@ -56,6 +56,10 @@ class Conflict(ServiceError):
     code = grpc.StatusCode.ABORTED
 
 
+class LearntMoved(Conflict):
+    """The learner committed a medium update since the state was read: merge onto it, retry."""
+
+
 class Busy(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -27,10 +27,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nsam.server import metrics
-from nsam.server.errors import Conflict, NotFound
+from nsam.server.errors import Conflict, LearntMoved, NotFound
 from nsam.server.level_book import LevelBook
 from nsam.server.model_thread import ModelThread
-from nsam.server.store import LearntMoved, SessionRecord, StateStore
+from nsam.server.store import SessionRecord, StateStore
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -38,17 +38,14 @@ import redis.exceptions as rexc
 
 from nsam.server import metrics, store_scripts as lua
 from nsam.server.embedded_redis import EmbeddedRedis, rewrite_files
-from nsam.server.errors import Busy, Conflict, InvalidArgument, NotFound, Unavailable, mark_committed
+from nsam.server.errors import Busy, Conflict, InvalidArgument, LearntMoved, NotFound, Unavailable, mark_committed
+from nsam.server.records import Job, LevelVersion, QueueStats, SessionRecord, UserLevel
 
 log = logging.getLogger(__name__)
 
 STREAM = "nsam:consolidation"
 GROUP = "workers"
 OUTCOMES = "nsam:consolidation:outcomes"
-
-
-class LearntMoved(Conflict):
-    """The learner committed a medium update since the state was read: merge onto it, retry."""
 
 
 _SESSION_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._@-]{0,127}):([0-9a-f]{24})$")
@@ -76,65 +73,6 @@ def split_session_id(session_id: str) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-# --------------------------------------------------------------------------- records
-
-@dataclass(frozen=True)
-class SessionRecord:
-    session_id: str
-    user: str
-    version: int
-    user_version: int
-    turns: int
-    ended: bool
-    created_ms: int
-    updated_ms: int
-    state_bytes: int
-    consolidated_version: int
-    transcript: list[dict[str, str]] = field(default_factory=list)
-    state: bytes | None = None     # only when loaded with_state
-    learnt_turns: int | None = None  # chat turns in the state's medium level (None: stored before counting)
-
-    @property
-    def user_turns(self) -> int:
-        """Chat turns in the transcript (loaded with it): what the medium level should learn."""
-        return sum(m["role"] == "user" for m in self.transcript)
-
-
-@dataclass(frozen=True)
-class LevelVersion:
-    version: int
-    created_ms: int
-    source: str
-    state_bytes: int
-
-
-@dataclass(frozen=True)
-class UserLevel:
-    version: int
-    state: bytes
-    created_ms: int
-    source: str
-
-
-@dataclass(frozen=True)
-class Job:
-    job_id: str
-    user: str
-    session_id: str
-    session_version: int
-    enqueued_ms: int
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    depth: int
-    pending: int
-    oldest_age_s: float
-    outcomes: dict[str, int]
-    last_probe_loss: float
-    baseline_probe_loss: float
 
 
 # --------------------------------------------------------------------------- store
