@@ -28,7 +28,7 @@ class ConsolidationConfig:
     known_notes: int = 48  # notes a user keeps, rehearsed again by every later consolidation
     anchor_window: int = 128  # tokens of general text per step
     probe_ppl_budget: float = 0.02  # the probe's perplexity may rise this much over the frozen model's
-    shrink: tuple[float, ...] = (0.5, 0.25)  # past the budget: old + alpha (new - old), in turn
+    scale_searches: int = 4  # past the budget: bisections for the largest alpha in old + alpha (new - old) within it
     same_topic: float = 0.6  # a new note replaces a kept one whose frame shares more than this share of words
 
 
@@ -97,15 +97,28 @@ def consolidate(model: Transformer, tokenizer, spec: LevelSpec, user_state: Lora
                                                report.update_norm, report.drift, time.perf_counter() - started,
                                                known=known)
     budget = math.log1p(config.probe_ppl_budget)
-    candidate, scale = level, 1.0
-    for alpha in (1.0, *config.shrink):  # the last one tried stands, within the budget or not
+
+    def probed(alpha: float) -> tuple[LoraState, float]:
         checkpoint()
         candidate = level if alpha == 1.0 else _interpolate(user_state, level, alpha)
-        scale = alpha
-        loss = probe_loss(model, spec, [candidate], probe_ids)
-        if math.isfinite(loss) and loss - baseline <= budget:
-            break
-    ok = math.isfinite(loss) and loss - baseline <= budget
+        return candidate, probe_loss(model, spec, [candidate], probe_ids)
+
+    def within(loss: float) -> bool:
+        return math.isfinite(loss) and loss - baseline <= budget
+
+    # Past the budget, bisect for the largest step scale within it (the probe is not linear in it).
+    candidate, loss = probed(1.0)
+    scale, ok = 1.0, within(loss)
+    low, high = 0.0, 1.0
+    for _ in range(0 if ok else config.scale_searches):
+        mid = (low + high) / 2
+        tried, tried_loss = probed(mid)
+        if within(tried_loss):
+            low, candidate, loss, scale, ok = mid, tried, tried_loss, mid, True
+        else:
+            high = mid
+            if not ok:
+                candidate, loss, scale = tried, tried_loss, mid
     checkpoint()
     asked = selected([answer_example(tokenizer, (), n.questions[0], n.answer) for n in kept])
     said = answers_said(model, spec, [candidate], asked)

@@ -62,7 +62,7 @@ def test_an_update_past_the_drift_budget_is_cut_back_then_refused(tiny):
     new, report = consolidate(tiny.model, tiny.tokenizer, spec, state, said("My locker code is 7302."),
                               tiny.consolidation_anchor_ids, tiny.probe_ids, strict)
     assert not report.accepted and report.reason == "forgetting" and new is state
-    assert report.step_scale == strict.shrink[-1] and report.trust_region == "interpolated"
+    assert report.step_scale == 0.5 ** strict.scale_searches and report.trust_region == "interpolated"
 
 
 def test_a_consolidation_asked_to_stop_raises_interrupted(tiny):
