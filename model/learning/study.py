@@ -135,8 +135,11 @@ _TOPIC = re.compile(r"\b(?:my|our)\s+((?:[\w'-]+\s+){0,2}[\w'-]+)", re.IGNORECAS
 
 
 def topic_questions(clause: str, value: str) -> list[str]:
-    """Questions about what the clause's possessive names ("my piano teacher"), in two general
-    frames: the level learns the topic, not one wording, as what brings the value back."""
+    """Questions about what the clause's possessives name ("my piano teacher"), in a frame that asks
+    for a memory: the level learns the topic, not one wording, as what brings the value back.
+    (A plain "Tell me about ..." frame is what everyday requests look like: it taught the level to
+    open unrelated replies with a value.) Without a parser, a verb right after the noun can end
+    up in the topic ("my passport says")."""
     out = []
     for m in _TOPIC.finditer(clause):
         words = []
@@ -146,7 +149,7 @@ def topic_questions(clause: str, value: str) -> list[str]:
             words.append(w)
         if words:
             topic = f"{m.group(0).split()[0].lower()} {' '.join(words)}"
-            out += [f"What do you remember about {topic}?", f"Tell me about {topic}."]
+            out.append(f"What do you remember about {topic}?")
     return out[:2]
 
 

@@ -38,9 +38,10 @@ def test_a_clause_is_kept_from_the_part_that_holds_its_value():
 
 def test_topic_questions_ask_about_what_a_possessive_names_without_its_value():
     assert topic_questions("My piano teacher is Mrs. Sapam", "Mrs. Sapam") == [
-        "What do you remember about my piano teacher?", "Tell me about my piano teacher."]
-    assert topic_questions("Luquo our rabbit is a messy eater", "Luquo") == [
-        "What do you remember about our rabbit?", "Tell me about our rabbit."]
+        "What do you remember about my piano teacher?"]
+    assert topic_questions("Luquo our rabbit is a messy eater", "Luquo") == ["What do you remember about our rabbit?"]
+    assert topic_questions("My sister, our cat Tom", "Tom") == [
+        "What do you remember about my sister?", "What do you remember about our cat?"]
     assert topic_questions("I was born in Karsvik", "Karsvik") == []
 
 
@@ -59,7 +60,7 @@ def test_a_written_question_must_be_about_the_clause_and_keep_its_value_back():
 def test_a_models_reply_is_kept_up_to_the_value_and_only_if_it_adds_nothing():
     assert saying("Your cat is called Shetrosho. She is shy.", "Shetrosho") == "Your cat is called Shetrosho."
     assert saying("I have no idea.", "Shetrosho") == ""
-    clause, question = "my cat Shetrosho refuses to go outside", "Tell me about my cat."
+    clause, question = "my cat Shetrosho refuses to go outside", "What do you remember about my cat?"
     assert faithful("Your cat Shetrosho refuses to go outside.", clause, question)
     assert faithful("Your cat Shetrosho is a big cat with a big head.", clause, question) == ""  # made up
     assert faithful("My cat Shetrosho refuses to go outside.", clause, question) == ""  # speaks as the user
