@@ -1,14 +1,17 @@
-"""Consolidation alone, for A/B runs of its settings: each user states facts in one session
-(scripted replies, no medium level), the session is consolidated once, and a fresh session of
-that user is asked the benchmark's paraphrased questions and its never-taught ones.
+"""Consolidation alone, for A/B runs of its settings on the tuning kinds.
 
-    python benchmarks/consolidation.py --users 3 --json out/cons.json
-    python benchmarks/consolidation.py --users 3 --config '{"probe_ppl_budget": 0.03}' --json out/cons_budget3.json
+Each user of `broad_episodes` (tuning kinds only: settings are chosen here, never on held-out
+kinds) has their messages studied into notes once; for every variant, the notes are consolidated
+into a fresh user level, and a fresh session is asked the kinds' own questions (phrased unlike the
+statements), three never-taught questions and the general questions of `learning.py`.
 
-Reports per user and on average: recall, false binding, and the perplexity change on general
-English with the consolidated level vs the frozen model (the same first `--general-tokens`
-tokens learning.py's forgetting figure uses). Much faster than learning.py (one consolidation
-per user, no chat turns), so settings can be compared before a full run.
+    python benchmarks/consolidation.py --users 2 --json out/cons.json \\
+        --variants '[{"name": "shipped"}, {"name": "anchor x3", "rehearsal": {"anchor_weight": 3.0}}]'
+
+A variant overrides `ConsolidationConfig` fields ("config") and its `RehearsalConfig` fields
+("rehearsal"). Reports per user and variant: recall, false binding, general questions still
+right (of those the frozen model gets right), the share of notes said word for word, the probe's
+loss change, the step scale the drift budget allowed, and seconds.
 """
 
 from __future__ import annotations
@@ -16,111 +19,79 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from episodes import make_episodes
-from learning import Chat, ask, false_bound, log, mean_loss, score
+import broad_episodes
+from learning import GENERAL, Harness, contains, log
+from nsam.model.learning.study import study
 from nsam.model.runtime import NsamModel
+from nsam.model.state import MemoryState
 
-GENERAL = Path(__file__).resolve().parent / "data" / "general_english.txt"  # a WikiText-2 slice (data/README.md)
+
+def variant_config(base, variant: dict):
+    rehearsal = dataclasses.replace(base.rehearsal, **variant.get("rehearsal", {}))
+    return dataclasses.replace(base, rehearsal=rehearsal, **variant.get("config", {}))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--users", type=int, default=3)
-    ap.add_argument("--first-user", type=int, default=0, help="start at this user (split a run over processes)")
-    ap.add_argument("--facts", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--config", default="{}", help="ConsolidationConfig overrides as JSON")
-    ap.add_argument("--general", type=Path, default=GENERAL, help="general English text (default: %(default)s)")
-    ap.add_argument("--general-tokens", type=int, default=2048)
-    ap.add_argument("--anchor", type=Path, nargs="+",
-                    help="anchor text file(s) to use instead of the shipped model/presets/anchor_plain.txt")
+    ap.add_argument("--users", type=int, default=2)
+    ap.add_argument("--facts", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--variants", default='[{"name": "shipped"}]', help="JSON list of variants (see above)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--states", type=Path, help="also write each user's consolidated state here (USER.safetensors)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="ask again from the states in --states instead of consolidating (another decoding, the same levels)")
     args = ap.parse_args()
-    if not args.general.is_file():
-        ap.error(f"--general {args.general}: no such file; benchmarks/data/README.md says where the text comes from")
     torch.set_num_threads(args.threads)
-
     m = NsamModel.load("default")
-    overrides = json.loads(args.config)
-    m.consolidation = dataclasses.replace(m.consolidation, **overrides)
-    if args.anchor:
-        texts = [path.read_text(encoding="utf-8") for path in args.anchor]
-        m.consolidation_anchor_ids = [t for text in texts for t in m.tokenizer.encode(text)]
-    episodes = make_episodes(max(args.first_user + args.users, 10), args.facts, seed=args.seed)
-    episodes = episodes[args.first_user:args.first_user + args.users]
-    general = m.tokenizer.encode(args.general.read_text(encoding="utf-8")[:args.general_tokens * 8])
-    general = general[:args.general_tokens]
-    frozen_loss = mean_loss(m, general)
-    chat = Chat(m, 24, learning=True)
-    fresh_user, fresh_session = m.new_user_state(), m.new_session_state(None)
-    rows, answers = [], {}
-    for e in episodes:
-        transcript = []
-        for f in e.facts:
-            transcript += [{"role": "user", "content": f.statement},
-                           {"role": "assistant", "content": "Got it, I will remember that."}]
-        t0 = time.perf_counter()
-        saved = args.states / f"{e.user}.safetensors" if args.states else None
-        if args.reuse and saved is not None and saved.exists():
-            user, report = saved.read_bytes(), None
-        else:
-            user, report = m.consolidate(fresh_user, fresh_session, transcript)
-        seconds = time.perf_counter() - t0
-        if args.states and report is not None:
-            args.states.mkdir(parents=True, exist_ok=True)
-            (args.states / f"{e.user}.safetensors").write_bytes(user)
-        level = m._read(user, "user").levels["user"]
-        session = m.new_session_state(user)
-        questions, expected, untaught, values = {}, {}, [], {}
-        for f in e.facts:
-            for j, q in enumerate(f.questions):
-                key = f"{e.user}|x|{f.attribute}|{j}"
-                questions[key], expected[key] = q, f.value
-        for j, q in enumerate(e.untaught):
-            key = f"{e.user}|u|{j}"
-            questions[key] = q
-            untaught.append(key)
-            values[key] = [f.value for f in e.facts]
-        out = ask(m, chat, questions, session, 256)
-        answers.update(out)
-        row = {"user": e.user, "reused": report is None}
-        if report is not None:
-            row |= {"accepted": report.accepted, "reason": report.reason, "step_scale": report.step_scale,
-                    "steps_trained": report.steps_trained,
-                    "answers_said": report.answers_said, "probe_change": report.probe_loss / report.baseline_probe_loss - 1}
-        row |= {"recall": score(out, expected), "false_binding": false_bound(out, untaught, values),
-                "general_ppl_change": math.exp(mean_loss(m, general, level) - frozen_loss) - 1,
-                "seconds": seconds}
-        rows.append(row)
-        mean = _write(args, m, overrides, rows, answers)
-        log(f"{e.user}: recall {row['recall']:.0%}, false binding {row['false_binding']:.0%}, general ppl "
-            f"{row['general_ppl_change']:+.2%}, " + ("reused" if report is None else
-            f"{report.reason}, {report.steps_trained} steps x{report.step_scale:g}, "
-            f"rehearsed answers said {report.answers_said:.0%}") + f", {seconds:.0f}s")
-    log(f"mean over {len(rows)} users: recall {mean['recall']:.0%}, false binding {mean['false_binding']:.0%}, "
-        f"general ppl {mean['general_ppl_change']:+.2%} (frozen model: recall 0, ppl change 0)")
-
-
-def _write(args, m: NsamModel, overrides: dict, rows: list[dict], answers: dict) -> dict:
-    """The means so far, also written to --json after every user: a run cut short keeps its figures."""
-    keys = ("recall", "false_binding", "general_ppl_change", "seconds")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    h = Harness(m, 256)
+    shipped = m.consolidation
+    users = [broad_episodes.make_user(100 + i, broad_episodes.TUNING_KINDS, args.facts, args.seed)
+             for i in range(args.users)]
+    frozen_general = h.ask(m.new_session_state(None), [q for q, _ in GENERAL])
+    known_general = [contains(a, w) for a, (_, w) in zip(frozen_general, GENERAL)]
+    fresh = m.new_user_state()
+    sessions = {}
+    for u in users:  # studied once: every variant consolidates the same notes
+        notes = [n for i, msg in enumerate(u.messages) for n in study(m.model, m.tokenizer, msg, seed=i + 1)]
+        blank = MemoryState.from_bytes(m.new_session_state(fresh), m.fingerprint, m.levels, "session")
+        sessions[u.name] = replace(blank, notes=tuple(notes)).to_bytes(m.fingerprint, m.levels)
+    out: dict = {"config": vars(args) | {"json": str(args.json)}, "variants": []}
+    for variant in json.loads(args.variants):
+        m.consolidation = variant_config(shipped, variant)
+        rows = []
+        for u in users:
+            started = time.perf_counter()
+            user_state, report = m.consolidate(fresh, sessions[u.name], [])
+            seconds = time.perf_counter() - started
+            questions = [q for f in u.facts for q in f.questions]
+            values = [f.value for f in u.facts for _ in f.questions]
+            answers = h.ask(m.new_session_state(user_state), questions + list(u.untaught) + [q for q, _ in GENERAL])
+            n, k = len(questions), len(u.untaught)
+            general = answers[n + k:]
+            rows.append({
+                "user": u.name, "kinds": [f.kind for f in u.facts],
+                "recall": sum(contains(a, v) for a, v in zip(answers[:n], values)) / n,
+                "false_binding": sum(any(contains(a, f.value) for f in u.facts) for a in answers[n:n + k]) / k,
+                "general_kept": sum(contains(a, w) for a, (_, w), ok in zip(general, GENERAL, known_general) if ok)
+                / max(sum(known_general), 1),
+                "answers_said": report.answers_said, "accepted": report.accepted, "step_scale": report.step_scale,
+                "probe_change": report.probe_loss / report.baseline_probe_loss - 1, "seconds": seconds,
+                "answers": dict(zip(questions + list(u.untaught), answers[:n + k]))})
+            r = rows[-1]
+            log(f"{variant['name']} {u.name}: recall {r['recall']:.0%}, false binding {r['false_binding']:.0%}, "
+                f"said {r['answers_said']:.0%}, probe {r['probe_change']:+.2%} x{r['step_scale']:g}, {seconds:.0f}s")
+        summary = {key: sum(r[key] for r in rows) / len(rows)
+                   for key in ("recall", "false_binding", "general_kept", "answers_said", "probe_change", "seconds")}
+        log(f"== {variant['name']}: " + ", ".join(f"{k} {v:.3g}" for k, v in summary.items()))
+        out["variants"].append({"variant": variant, "summary": summary, "users": rows})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": overrides, "anchor": [str(p) for p in args.anchor or []],
-                                         "anchor_tokens": len(m.consolidation_anchor_ids), "users_done": len(rows),
-                                         "mean": mean, "users": rows, "answers": answers}, indent=1))
-    return mean
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ for A/B runs of the consolidation settings; minutes per session on a CPU:
     python benchmarks/forgetting.py --json out.json --sessions 10 \\
         --override '{"probe_ppl_budget": 0.02}' --probe my_probe.txt
 
-Reports general-English perplexity change and the user's retention (latest values asked in a
-fresh session) after 5, 10 and the last session. The first N sessions are the full run's first
-N (same episode generator and seed), so its figures are the baseline at the shipped settings.
+Reports the general-English perplexity change after the last session and how many
+consolidations were accepted. The sessions are the full run's (same episode generator and
+seed), so its figure is the baseline at the shipped settings.
 """
 
 from __future__ import annotations
@@ -50,13 +50,11 @@ def main() -> None:
     m.consolidation = dataclasses.replace(m.consolidation, **override)
     if args.probe:
         m.probe_ids = m.tokenizer.encode(args.probe.read_text(encoding="utf-8"))
-    chain = argparse.Namespace(general=args.general, general_tokens=args.general_tokens,
-                               forgetting_sessions=args.sessions, seed=args.seed, window=args.window)
-    forgetting, details = learning.forgetting_phase(m, chain)
+    details = learning.forgetting(learning.Harness(m, args.window), args.general, args.general_tokens,
+                                  args.sessions, args.seed)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"override": override, "probe": str(args.probe or "shipped"),
-                                     "probe_tokens": len(m.probe_ids), "forgetting": forgetting,
-                                     **details}, indent=2))
+                                     "probe_tokens": len(m.probe_ids), **details}, indent=2))
 
 
 if __name__ == "__main__":
