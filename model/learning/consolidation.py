@@ -24,7 +24,7 @@ from .study import study
 
 @dataclass(frozen=True)
 class ConsolidationConfig:
-    rehearsal: RehearsalConfig = field(default_factory=lambda: RehearsalConfig(steps=12, lr=3e-3, own_answers=6))
+    rehearsal: RehearsalConfig = field(default_factory=lambda: RehearsalConfig(steps=24, lr=1.5e-3, own_answers=6))
     known_notes: int = 48  # notes a user keeps, rehearsed again by every later consolidation
     anchor_window: int = 128  # tokens of general text per step
     probe_ppl_budget: float = 0.02  # the probe's perplexity may rise this much over the frozen model's
