@@ -320,8 +320,9 @@ def main() -> None:
         / max(len(heldout["users"]), 1),
         "details": {"heldout": heldout, "tuning": tuning, "regression": regression},
     })
-    learned = m.consolidate(m.new_user_state(), *teach(h, m.new_user_state(), list(held[0].messages), [])[:2])[0]
-    out["other_user_changes"] = other_user_changes(h, learned)
+    if held:
+        learned = m.consolidate(m.new_user_state(), *teach(h, m.new_user_state(), list(held[0].messages), [])[:2])[0]
+        out["other_user_changes"] = other_user_changes(h, learned)
     if args.forgetting_sessions > 0:
         log(f"forgetting: {args.forgetting_sessions} sessions of one user")
         f = forgetting(h, args.general, args.general_tokens, args.forgetting_sessions, args.seed)
