@@ -8,7 +8,6 @@ respect to their inputs). Not thread-safe: one owner thread at a time.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from .backbone import Transformer
 from .learning.consolidation import ConsolidationConfig, ConsolidationReport, consolidate
 from .learning.notes import Note
 from .learning.rehearsal import RehearsalConfig
-from .learning.study import clauses, study
+from .learning.study import MAX_CLAUSES, clauses
 from .learning.turn import TurnConfig, learn_turn
 from .generation import Generator
 from .generation import TokenEvent
@@ -37,10 +36,6 @@ __all__ = ["NsamModel", "SessionBatch", "SamplingParams", "TokenEvent", "LevelRe
            "ConsolidationReport", "StateError", "DocumentChunk", "DOCUMENT_CHUNK_TOKENS"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-# Statements one study notes at most (`study`'s max_clauses): a coalesced update packs its turns'
-# messages into texts of at most this many, so none goes unnoted.
-_STUDY_CLAUSES: int = inspect.signature(study).parameters["max_clauses"].default
 
 # A document is read in chunks of this many tokens, attention seeing one chunk at a time: the
 # chunk the online evaluation measures (benchmarks/README.md).
@@ -205,7 +200,7 @@ class NsamModel:
 
         `turns` > 1 (a coalesced update, when the learner fell behind) learns the last `turns`
         user messages at the cost of as few turns as the study allows: their statements joined
-        by newlines into texts of up to `_STUDY_CLAUSES` clauses (what one study notes), and the
+        by newlines into texts of up to `MAX_CLAUSES` clauses (what one study notes), and the
         messages that state nothing joined into one text learnt as text."""
         state = self._read(session_state, "session")
         users = [m["content"] for m in messages if m["role"] == "user"]
@@ -215,7 +210,7 @@ class NsamModel:
             raise ValueError(f"turns must be at least 1, got {turns}")
         spec = self.levels.get("medium")
         parents = [state.levels["user"]] if "user" in state.levels else []
-        texts = users[-1:] if turns == 1 else _study_packs(users[-turns:], _STUDY_CLAUSES)
+        texts = users[-1:] if turns == 1 else _study_packs(users[-turns:], MAX_CLAUSES)
         reports = []
         for i, text in enumerate(texts):
             update = learn_turn(self.model, self.tokenizer, spec, state.levels["medium"], parents, text,

@@ -137,9 +137,8 @@ _TOPIC = re.compile(r"\b(?:my|our)\s+((?:[\w'-]+\s+){0,2}[\w'-]+)", re.IGNORECAS
 def topic_questions(clause: str, value: str) -> list[str]:
     """Questions about what the clause's possessives name ("my piano teacher"), in a frame that asks
     for a memory: the level learns the topic, not one wording, as what brings the value back.
-    (A plain "Tell me about ..." frame is what everyday requests look like: it taught the level to
-    open unrelated replies with a value.) Without a parser, a verb right after the noun can end
-    up in the topic ("my passport says")."""
+    The frame is not an everyday request ("Tell me about ..."): those must not be answered with a
+    value. Without a parser, a verb right after the noun can end up in the topic ("my passport says")."""
     out = []
     for m in _TOPIC.finditer(clause):
         words = []
@@ -202,8 +201,11 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[list[int]], params
         model.max_batch, model.max_seq = saved[1], saved[2]
 
 
+MAX_CLAUSES = 4  # statements of one message studied (the rest of a long message is not)
+
+
 def study(model: Transformer, tokenizer, message: str, samples: int = 2, seed: int = 0,
-          max_clauses: int = 4) -> list[Note]:
+          max_clauses: int = MAX_CLAUSES) -> list[Note]:
     """Notes for what `message` says: per clause and value, the echo question and up to
     `samples` model-written questions that pass `good_question`."""
     targets = [(c, v) for c in clauses(message)[:max_clauses] for v in values(c)]
